@@ -1,0 +1,470 @@
+"""Stage 1, match: find every pre-norm SwiGLU FFN block on the residual stream.
+
+A block computes, for residual input x (last dim d):
+    n(x) = x / sqrt(mean(x^2, -1) + eps),   h = n(x) * g
+    y    = (silu(h @ Wg + bg) * (h @ Wu + bu)) @ Wd + bd
+    x'   = x + y
+Recognized forms (torch.onnx TorchScript and dynamo exports, onnxruntime-optimized graphs):
+  norm      Pow(x,2)|Mul(x,x) -> ReduceMean(-1) -> Add eps -> Sqrt -> Div | Reciprocal/Div(1,.)+Mul, optional Cast
+            to float32 and back, gain Mul on either side; or SimplifiedLayerNormalization, RMSNormalization,
+            SkipSimplifiedLayerNormalization (whose output 3 is x, the residual add of the block before it);
+  SiLU      Mul(g, Sigmoid(g)) in either order, or Swish(alpha=1);
+  linear    MatMul with an initializer weight, possibly behind Transpose(perm=[1,0]) and/or Cast; optional
+            bias Add; or Gemm(alpha=beta=1) on 2-D input;
+  residual  Add(x, y) in either order, or the next SkipSimplifiedLayerNormalization(y, x) without bias.
+Matching only reads the graph. Every Sigmoid/Swish that does not lead to a complete block becomes a
+`Rejection` naming the node and the check that failed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from passes.graph import GraphIndex, attribute
+
+SKIP_NORM = "SkipSimplifiedLayerNormalization"
+NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization", SKIP_NORM)
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A constant used by the block: initializer `name`, optionally read through Transpose(perm=[1,0]) and Cast.
+
+    The effective value is cast(transpose?(stored)); for matrices it is in MatMul layout [in, out].
+    """
+    name: str
+    dims: tuple[int, ...]
+    transposed: bool = False
+    cast_to: int | None = None
+    stored_type: int = TensorProto.FLOAT
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.dims)) if self.transposed else self.dims
+
+    @property
+    def data_type(self) -> int:
+        return self.cast_to if self.cast_to is not None else self.stored_type
+
+
+@dataclass(frozen=True)
+class Norm:
+    """h = n(x) * prod(gains); `kind` is "decomposed" or the fused op's type."""
+    kind: str
+    eps: float
+    gains: tuple[WeightRef, ...]
+
+
+@dataclass(frozen=True)
+class FFNBlock:
+    ordinal: int
+    residual_in: str                 # x, as the residual add reads it
+    stream_in: str                   # the tensor entering the block: x, or the input of an identity Cast producing x
+    residual_out: str                # x' = x + y ("" when the sum is never materialized)
+    hidden: str                      # h
+    contribution: str                # y = FFN(h), what the block adds to the residual stream
+    norm: Norm
+    gate: WeightRef
+    up: WeightRef
+    down: WeightRef
+    gate_bias: WeightRef | None
+    up_bias: WeightRef | None
+    down_bias: WeightRef | None
+    hidden_size: int                 # d
+    width: int                       # m
+    data_type: int                   # ONNX element type of x, h and the weights
+    nodes: tuple[int, ...]           # node indices from the norm to y, in graph order
+    node_names: tuple[str, ...]
+    residual_node: int               # node computing x + y (an Add, or the next SkipSimplifiedLayerNormalization)
+    residual_node_name: str
+    residual_ports: tuple[int, int]  # input slots of x and y on the residual node
+
+
+@dataclass(frozen=True)
+class Rejection:
+    node: str     # the activation node the candidate was anchored on, or the node where matching stopped
+    check: str    # which check failed
+
+
+@dataclass
+class MatchResult:
+    blocks: list[FFNBlock]
+    rejections: list[Rejection]
+
+
+class NoMatch(Exception):
+    def __init__(self, node: str, check: str):
+        super().__init__(check)
+        self.node, self.check = node, check
+
+
+def match_ffn_blocks(model: onnx.ModelProto, index: GraphIndex | None = None) -> MatchResult:
+    """All FFN blocks in residual-stream (graph) order with ordinals, and why each other candidate failed."""
+    index = index or GraphIndex.build(model.graph)
+    found, rejections = [], []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in ("Sigmoid", "Swish"):
+            continue
+        try:
+            found.append(_match_from_activation(index, i))
+        except NoMatch as miss:
+            rejections.append(Rejection(f"{index.node_label(i)} (at {miss.node})", miss.check))
+    found.sort(key=lambda b: b.residual_node)
+    blocks = [_with_ordinal(b, k) for k, b in enumerate(found)]
+    return MatchResult(blocks, rejections)
+
+
+def _with_ordinal(block: FFNBlock, ordinal: int) -> FFNBlock:
+    from dataclasses import replace
+    return replace(block, ordinal=ordinal)
+
+
+# ---------------------------------------------------------------- helpers over the index
+
+def _only_consumer(index: GraphIndex, tensor: str, where: str) -> tuple[int, onnx.NodeProto]:
+    users = index.consumer_ids(tensor)
+    if len(users) != 1 or index.is_graph_output(tensor):
+        raise NoMatch(where, f"tensor '{tensor}' must feed exactly one node (has {len(users)} consumers"
+                             f"{', and is a graph output' if index.is_graph_output(tensor) else ''})")
+    return users[0], index.node(users[0])
+
+
+def _producer(index: GraphIndex, tensor: str, where: str) -> tuple[int, onnx.NodeProto]:
+    found = index.producer_node(tensor)
+    if found is None:
+        raise NoMatch(where, f"tensor '{tensor}' is not produced by a node")
+    return found
+
+
+def _other_input(node: onnx.NodeProto, tensor: str, where: str) -> str:
+    ins = list(node.input)
+    if len(ins) != 2 or tensor not in ins:
+        raise NoMatch(where, f"{node.op_type} must take '{tensor}' and one other input")
+    return ins[1] if ins[0] == tensor else ins[0]
+
+
+def _weight(index: GraphIndex, tensor: str, where: str, rank: int) -> tuple[WeightRef, list[int]]:
+    """Resolve a constant operand: initializer, optionally behind Transpose(perm=[1,0]) and Cast. Returns the nodes used."""
+    used, transposed, cast_to = [], False, None
+    while tensor not in index.initializers:
+        found = index.producer_node(tensor)
+        if found is None:
+            raise NoMatch(where, f"'{tensor}' is not an initializer")
+        j, node = found
+        if node.op_type == "Cast" and cast_to is None:
+            cast_to = attribute(node, "to")
+        elif node.op_type == "Transpose" and not transposed and rank == 2 and list(attribute(node, "perm", [1, 0])) == [1, 0]:
+            transposed = True
+        else:
+            raise NoMatch(where, f"weight '{tensor}' comes from {node.op_type}, not from an initializer")
+        used.append(j)
+        tensor = node.input[0]
+    proto = index.initializers[tensor]
+    if len(proto.dims) != rank:
+        raise NoMatch(where, f"weight '{tensor}' has rank {len(proto.dims)}, expected {rank}")
+    return WeightRef(tensor, tuple(proto.dims), transposed, cast_to, proto.data_type), used
+
+
+def _is_unused_elsewhere(index: GraphIndex, tensor: str, allowed: set[int]) -> bool:
+    return not index.is_graph_output(tensor) and all(c in allowed for c in index.consumer_ids(tensor))
+
+
+# ---------------------------------------------------------------- linear layers
+
+@dataclass
+class _Linear:
+    input: str
+    output: str          # after the bias, if any
+    weight: WeightRef
+    bias: WeightRef | None
+    nodes: list[int]
+
+
+def _linear_producing(index: GraphIndex, tensor: str, where: str) -> _Linear:
+    """tensor = input @ W (+ b)."""
+    j, node = _producer(index, tensor, where)
+    bias, nodes = None, []
+    if node.op_type == "Add":
+        a, b = node.input
+        for bias_name, mm_out in ((b, a), (a, b)):
+            if index.constant_tensor(bias_name) is not None or _resolves_to_initializer(index, bias_name):
+                bias, bias_nodes = _weight(index, bias_name, index.node_label(j), rank=1)
+                nodes += [j] + bias_nodes
+                _only_consumer(index, mm_out, index.node_label(j))
+                j, node = _producer(index, mm_out, index.node_label(j))
+                break
+        else:
+            raise NoMatch(index.node_label(j), "Add before the activation has no constant bias operand")
+    label = index.node_label(j)
+    if node.op_type == "MatMul":
+        weight, weight_nodes = _weight(index, node.input[1], label, rank=2)
+    elif node.op_type == "Gemm":
+        if bias is not None:
+            raise NoMatch(label, "Gemm followed by a bias Add")
+        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
+            raise NoMatch(label, "Gemm with transA or alpha/beta != 1")
+        weight, weight_nodes = _weight(index, node.input[1], label, rank=2)
+        if attribute(node, "transB", 0):
+            weight = WeightRef(weight.name, weight.dims, not weight.transposed, weight.cast_to, weight.stored_type)
+        if len(node.input) > 2 and node.input[2]:
+            bias, bias_nodes = _weight(index, node.input[2], label, rank=1)
+            weight_nodes += bias_nodes
+    else:
+        raise NoMatch(label, f"expected MatMul or Gemm, found {node.op_type}")
+    if bias is not None and bias.shape != (weight.shape[1],):
+        raise NoMatch(label, f"bias shape {bias.shape} does not match weight output size {weight.shape[1]}")
+    return _Linear(node.input[0], tensor, weight, bias, [j] + weight_nodes + nodes)
+
+
+def _resolves_to_initializer(index: GraphIndex, tensor: str) -> bool:
+    try:
+        _weight(index, tensor, "", rank=1)
+        return True
+    except NoMatch:
+        return False
+
+
+def _linear_consuming(index: GraphIndex, tensor: str, where: str) -> _Linear:
+    """The single linear layer reading `tensor`, followed by an optional bias Add."""
+    j, node = _only_consumer(index, tensor, where)
+    if node.op_type not in ("MatMul", "Gemm") or node.input[0] != tensor:
+        raise NoMatch(index.node_label(j), f"down projection must be a MatMul/Gemm reading '{tensor}' as its first input, found {node.op_type}")
+    out = node.output[0]
+    users = index.consumer_ids(out)
+    if len(users) == 1 and not index.is_graph_output(out) and node.op_type == "MatMul":
+        k = users[0]
+        add = index.node(k)
+        if add.op_type == "Add" and _resolves_to_initializer(index, _other_input(add, out, index.node_label(k))):
+            out = add.output[0]
+    return _linear_producing(index, out, where)
+
+
+# ---------------------------------------------------------------- normalization
+
+def _norm_producing(index: GraphIndex, hidden: str, where: str) -> tuple[str, str | None, Norm, list[int]]:
+    """Parse h = n(x) * gains back to x. Returns x, the float32 Cast of x if any, the Norm and the nodes used."""
+    gains, nodes = [], []
+    tensor = hidden
+    while True:
+        j, node = _producer(index, tensor, where)
+        label = index.node_label(j)
+        if node.op_type == "Cast":
+            nodes.append(j)
+            tensor = node.input[0]
+            continue
+        if node.op_type == "Mul" and not gains:
+            a, b = node.input
+            for const, var in ((b, a), (a, b)):
+                if _resolves_to_initializer(index, const):
+                    gain, gain_nodes = _weight(index, const, label, rank=1)
+                    gains.append(gain)
+                    nodes += [j] + gain_nodes
+                    tensor = var
+                    break
+            else:
+                return _decomposed_norm(index, tensor, where, nodes, gains)
+            continue
+        if node.op_type in NORM_OPS:
+            return _fused_norm_op(index, j, node, tensor, nodes, gains)
+        return _decomposed_norm(index, tensor, where, nodes, gains)
+
+
+def _fused_norm_op(index, j, node, tensor, nodes, gains):
+    label = index.node_label(j)
+    if node.op_type == SKIP_NORM:
+        if len(node.input) > 3 and node.input[3]:
+            raise NoMatch(label, "SkipSimplifiedLayerNormalization with a bias input")
+        if tensor != node.output[0] or len(node.output) < 4 or not node.output[3]:
+            raise NoMatch(label, "SkipSimplifiedLayerNormalization must expose the residual sum (output 3)")
+        if any(index.consumer_ids(o) or index.is_graph_output(o) for o in node.output[1:3] if o):
+            raise NoMatch(label, "SkipSimplifiedLayerNormalization mean/inv_std outputs are used")
+        x = node.output[3]
+        scale_slot = 2
+    else:
+        if len(node.output) > 1 and any(index.consumer_ids(o) or index.is_graph_output(o) for o in node.output[1:] if o):
+            raise NoMatch(label, f"{node.op_type} auxiliary outputs are used")
+        x = node.input[0]
+        scale_slot = 1
+    if attribute(node, "axis", -1) != -1:
+        raise NoMatch(label, f"{node.op_type} normalizes over axis {attribute(node, 'axis')}, not -1")
+    gain, gain_nodes = _weight(index, node.input[scale_slot], label, rank=1)
+    eps = float(attribute(node, "epsilon", 1e-5))
+    return x, None, Norm(node.op_type, eps, tuple(gains) + (gain,)), nodes + [j] + gain_nodes
+
+
+def _decomposed_norm(index, tensor, where, nodes, gains):
+    """tensor = xf * (1 / sqrt(mean(xf^2) + eps)) or xf / sqrt(...), xf = x or Cast(x, float32)."""
+    j, node = _producer(index, tensor, where)
+    label = index.node_label(j)
+    if node.op_type == "Div":
+        xf, sqrt_out = node.input
+        nodes.append(j)
+    elif node.op_type == "Mul":
+        nodes.append(j)
+        xf = sqrt_out = None
+        for r, other in ((node.input[1], node.input[0]), (node.input[0], node.input[1])):
+            found = index.producer_node(r)
+            if found and found[1].op_type == "Reciprocal":
+                xf, sqrt_out = other, found[1].input[0]
+                nodes.append(found[0])
+                break
+            if found and found[1].op_type == "Div" and _is_scalar(index, found[1].input[0], 1.0):
+                xf, sqrt_out = other, found[1].input[1]
+                nodes.append(found[0])
+                break
+        if xf is None:
+            raise NoMatch(label, "Mul is neither a gain (constant operand) nor x * 1/sqrt(...)")
+    else:
+        raise NoMatch(label, f"expected the RMSNorm scaling (Mul/Div), found {node.op_type}")
+    j, sqrt = _producer(index, sqrt_out, label)
+    if sqrt.op_type != "Sqrt":
+        raise NoMatch(index.node_label(j), f"expected Sqrt, found {sqrt.op_type}")
+    nodes.append(j)
+    j, add = _producer(index, sqrt.input[0], index.node_label(j))
+    label = index.node_label(j)
+    if add.op_type != "Add":
+        raise NoMatch(label, f"expected Add eps, found {add.op_type}")
+    nodes.append(j)
+    eps = mean_out = None
+    for e, m in ((add.input[1], add.input[0]), (add.input[0], add.input[1])):
+        value = index.small_constant(e, max_elements=1)
+        if value is not None:
+            eps, mean_out = float(value.reshape(())), m
+            if index.producer_node(e):
+                nodes.append(index.producer[e])
+            break
+    if eps is None:
+        raise NoMatch(label, "Add before Sqrt has no scalar eps constant")
+    j, mean = _producer(index, mean_out, label)
+    label = index.node_label(j)
+    if mean.op_type != "ReduceMean":
+        raise NoMatch(label, f"expected ReduceMean, found {mean.op_type}")
+    axes = attribute(mean, "axes")
+    if axes is None and len(mean.input) > 1 and mean.input[1]:
+        value = index.small_constant(mean.input[1])
+        axes = None if value is None else value.tolist()
+        if index.producer_node(mean.input[1]):
+            nodes.append(index.producer[mean.input[1]])
+    if axes is None or list(np.ravel(axes)) != [-1] or attribute(mean, "keepdims", 1) != 1:
+        raise NoMatch(label, f"ReduceMean must reduce axis -1 with keepdims (axes={axes})")
+    nodes.append(j)
+    j, square = _producer(index, mean.input[0], label)
+    label = index.node_label(j)
+    if square.op_type == "Pow" and square.input[0] == xf and _is_scalar(index, square.input[1], 2.0):
+        if index.producer_node(square.input[1]):
+            nodes.append(index.producer[square.input[1]])
+    elif not (square.op_type == "Mul" and list(square.input) == [xf, xf]):
+        raise NoMatch(label, f"expected Pow(x, 2) or Mul(x, x) of the normalized tensor, found {square.op_type}")
+    nodes.append(j)
+    x, cast_out = xf, None
+    found = index.producer_node(xf)
+    if found and found[1].op_type == "Cast":
+        if attribute(found[1], "to") != TensorProto.FLOAT:
+            raise NoMatch(index.node_label(found[0]), "normalization input Cast is not to float32")
+        x, cast_out = found[1].input[0], xf
+        nodes.append(found[0])
+    return x, cast_out, Norm("decomposed", eps, tuple(gains)), nodes
+
+
+def _is_constant_path(index: GraphIndex, k: int) -> bool:
+    """True for Constant nodes and nodes computing only from initializers and constants (weight Transpose/Cast)."""
+    node = index.node(k)
+    if node.op_type == "Constant":
+        return True
+    return all(not name or name in index.initializers
+               or (name in index.producer and _is_constant_path(index, index.producer[name]))
+               for name in node.input)
+
+
+def _is_scalar(index: GraphIndex, tensor: str, expected: float) -> bool:
+    value = index.small_constant(tensor, max_elements=1)
+    return value is not None and float(value.reshape(())) == expected
+
+
+# ---------------------------------------------------------------- the block
+
+def _match_from_activation(index: GraphIndex, act_id: int) -> FFNBlock:
+    act = index.node(act_id)
+    where = index.node_label(act_id)
+    gate_out = act.input[0]
+    if act.op_type == "Swish":
+        if attribute(act, "alpha", 1.0) != 1.0:
+            raise NoMatch(where, "Swish with alpha != 1 is not SiLU")
+        silu_id, silu_out = act_id, act.output[0]
+        silu_nodes = [act_id]
+    else:
+        users = [k for k in index.consumer_ids(act.output[0])]
+        if len(users) != 1 or index.node(users[0]).op_type != "Mul":
+            raise NoMatch(where, "Sigmoid output must feed exactly one Mul (SiLU)")
+        silu_id = users[0]
+        if sorted(index.node(silu_id).input) != sorted([gate_out, act.output[0]]):
+            raise NoMatch(index.node_label(silu_id), "Mul is not g * sigmoid(g)")
+        silu_out = index.node(silu_id).output[0]
+        silu_nodes = [act_id, silu_id]
+    gate_users = set(index.consumer_ids(gate_out))
+    if gate_users != set(silu_nodes) or index.is_graph_output(gate_out):
+        raise NoMatch(where, f"gate tensor '{gate_out}' is used outside the SiLU")
+    mul_id, mul = _only_consumer(index, silu_out, index.node_label(silu_id))
+    if mul.op_type != "Mul":
+        raise NoMatch(index.node_label(mul_id), f"SiLU output must be multiplied by the up projection, found {mul.op_type}")
+    up_out = _other_input(mul, silu_out, index.node_label(mul_id))
+    hidden_act = mul.output[0]
+
+    gate = _linear_producing(index, gate_out, where)
+    up = _linear_producing(index, up_out, index.node_label(mul_id))
+    if gate.input != up.input:
+        raise NoMatch(where, "gate and up projections read different tensors")
+    if set(index.consumer_ids(up_out)) != {mul_id} or index.is_graph_output(up_out):
+        raise NoMatch(index.node_label(mul_id), f"up tensor '{up_out}' is used outside the block")
+    down = _linear_consuming(index, hidden_act, index.node_label(mul_id))
+    y = down.output
+
+    hidden = gate.input
+    stream, cast_out, norm, norm_nodes = _norm_producing(index, hidden, where)
+    x = stream
+
+    r_id, r_node = _only_consumer(index, y, index.node_label(down.nodes[0]))
+    r_label = index.node_label(r_id)
+    if r_node.op_type == "Add":
+        x = _other_input(r_node, y, r_label)
+        if x not in (stream, cast_out):
+            raise NoMatch(r_label, "the down projection is not added to the block's own residual input")
+        ports = (list(r_node.input).index(x), list(r_node.input).index(y))
+        x_out = r_node.output[0]
+    elif r_node.op_type == SKIP_NORM and sorted(r_node.input[:2]) == sorted([stream, y]) and not (len(r_node.input) > 3 and r_node.input[3]):
+        ports = (list(r_node.input[:2]).index(x), list(r_node.input[:2]).index(y))
+        x_out = r_node.output[3] if len(r_node.output) > 3 else ""
+    else:
+        raise NoMatch(r_label, f"the down projection must be added to the residual input x, found {r_node.op_type}")
+
+    # shapes and types
+    d, m = gate.weight.shape
+    if up.weight.shape != (d, m) or down.weight.shape != (m, d):
+        raise NoMatch(where, f"weight shapes gate {gate.weight.shape}, up {up.weight.shape}, down {down.weight.shape} are not [d,m],[d,m],[m,d]")
+    if any(g.shape != (d,) for g in norm.gains):
+        raise NoMatch(where, f"norm gain shape {[g.shape for g in norm.gains]} is not ({d},)")
+    dtype = gate.weight.data_type
+    if {up.weight.data_type, down.weight.data_type} != {dtype}:
+        raise NoMatch(where, "gate, up and down weights have different element types")
+    if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
+        raise NoMatch(where, f"weights of type {TensorProto.DataType.Name(dtype)} are not supported")
+    if x != stream and dtype != TensorProto.FLOAT:
+        raise NoMatch(r_label, "the residual add reads the float32 Cast of x, but the block is not float32")
+
+    nodes = sorted(set(norm_nodes + gate.nodes + up.nodes + silu_nodes + [mul_id] + down.nodes))
+    for k in nodes:
+        if norm.kind == SKIP_NORM and x in index.node(k).output or _is_constant_path(index, k):
+            continue   # the skip-norm also carries the previous residual add; weight casts may be shared
+        for out in index.node(k).output:
+            if out and out not in (x, y) and not _is_unused_elsewhere(index, out, set(nodes)):
+                raise NoMatch(index.node_label(k), f"intermediate tensor '{out}' is used outside the block")
+    return FFNBlock(
+        ordinal=-1, residual_in=x, stream_in=stream, residual_out=x_out, hidden=hidden, contribution=y, norm=norm,
+        gate=gate.weight, up=up.weight, down=down.weight,
+        gate_bias=gate.bias, up_bias=up.bias, down_bias=down.bias,
+        hidden_size=d, width=m, data_type=dtype,
+        nodes=tuple(nodes), node_names=tuple(index.node_label(k) for k in nodes),
+        residual_node=r_id, residual_node_name=r_label, residual_ports=ports)

@@ -1,0 +1,277 @@
+"""Reading and writing ONNX models without holding their weights in memory.
+
+Load: the protobuf only (external tensors stay references to their files); weights are read on demand, a few
+rows at a time, through memory maps. Save: tensors stream into one external data file (copied with
+copy_file_range where they are unchanged, produced chunk by chunk where the rewrite made them), the model is
+verified (onnx.checker, an onnxruntime session), and only then renamed into place.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from passes.errors import fail
+
+PROTOBUF_LIMIT = 1_800_000_000     # write external data above this many bytes of tensors (protobuf caps at 2 GiB)
+INLINE_BYTES = 1024                # tensors smaller than this stay inside the protobuf
+ALIGN = 4096                       # external tensors start on page boundaries, so onnxruntime can mmap them
+CHUNK_BYTES = 64 << 20             # rows per chunk when tensors are produced piecewise
+
+
+@dataclass
+class LoadedModel:
+    proto: onnx.ModelProto
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def external_files(self) -> set[Path]:
+        return {(self.base_dir / _external_info(t)["location"]).resolve()
+                for t in self.proto.graph.initializer if _is_external(t)}
+
+
+@dataclass
+class NewTensor:
+    """A tensor made by a pass, produced as row-major chunks (each [rows, ...]) so it is never whole in memory."""
+    name: str
+    dims: tuple[int, ...]
+    data_type: int
+    chunks: Callable[[], Iterator[np.ndarray]]
+
+    def materialize(self) -> np.ndarray:
+        parts = list(self.chunks())
+        return np.concatenate(parts, axis=0).reshape(self.dims)
+
+
+@dataclass
+class ModelOutput:
+    """A model to write: `proto` may contain placeholder initializers (no data) named in `new_tensors`;
+    other external initializers refer to files under `source_dir`."""
+    proto: onnx.ModelProto
+    source_dir: Path
+    new_tensors: dict[str, NewTensor] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """The graph of an ONNX file, weights left on disk; bad files are a UserError."""
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path}: no such file")
+    if not path.is_file():
+        fail(f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        fail(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})")
+    if not proto.graph.node:
+        fail(f"{path}: not an ONNX model (no graph nodes; truncated or a different file type?)")
+    model = LoadedModel(proto, path)
+    for tensor in proto.graph.initializer:
+        if _is_external(tensor):
+            info = _external_info(tensor)
+            data = (model.base_dir / info.get("location", "")).resolve()
+            need = int(info.get("offset", 0)) + _external_length(tensor, info)
+            if not info.get("location") or not data.is_file():
+                fail(f"{path}: external data '{info.get('location')}' of tensor '{tensor.name}' is missing")
+            if data.stat().st_size < need:
+                fail(f"{path}: external data '{info['location']}' is truncated (tensor '{tensor.name}' needs {need} bytes, file has {data.stat().st_size})")
+    return model
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _external_length(tensor: TensorProto, info: dict[str, str]) -> int:
+    if "length" in info:
+        return int(info["length"])
+    return tensor_nbytes(tensor)
+
+
+def np_dtype(data_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) * np_dtype(tensor.data_type).itemsize
+
+
+def tensor_array(tensor: TensorProto, base_dir: Path, mmap: bool = True) -> np.ndarray:
+    """The values of an initializer; external tensors come back memory-mapped (read lazily, read-only)."""
+    if not _is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    info = _external_info(tensor)
+    shape = tuple(tensor.dims)
+    dtype = np_dtype(tensor.data_type)
+    path = base_dir / info["location"]
+    offset = int(info.get("offset", 0))
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        return np.zeros(shape, dtype)
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return np.frombuffer(f.read(_external_length(tensor, info)), dtype=dtype).reshape(shape)
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+# ---------------------------------------------------------------- saving
+
+def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bool | None = None,
+               protected: set[Path] = frozenset(), verify: bool = True, reference: Path | None = None) -> Path:
+    """Write `output` to out_path atomically: temp folder beside it, verify, rename.
+
+    external=None writes external data when the tensors exceed the protobuf limit or any input tensor was
+    external. `protected` files (the input and its data) are never written. `reference` is the input model,
+    used to tell a verification failure we caused from one the input already had.
+    """
+    out_path = Path(out_path)
+    data_name = out_path.name + ".data"
+    for target in (out_path, out_path.with_name(data_name)):
+        if target.resolve() in {p.resolve() for p in protected}:
+            fail(f"output {target} would overwrite the input model or its external data; choose another -o")
+    if not out_path.parent.is_dir():
+        fail(f"output folder {out_path.parent} does not exist")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(output.proto)
+    total = sum(_output_nbytes(t, output) for t in proto.graph.initializer)
+    if external is None:
+        external = total > PROTOBUF_LIMIT or any(_is_external(t) for t in output.proto.graph.initializer)
+    external = external or total > PROTOBUF_LIMIT
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        tmp_model = tmp_dir / out_path.name
+        if external:
+            _write_external(proto, output, tmp_dir / data_name, data_name)
+        else:
+            _inline_all(proto, output)
+        with open(tmp_model, "wb") as f:
+            f.write(proto.SerializeToString(deterministic=True))
+        if verify:
+            verify_model(tmp_model, reference)
+        if external:
+            os.replace(tmp_dir / data_name, out_path.with_name(data_name))
+        os.replace(tmp_model, out_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_path
+
+
+def _output_nbytes(tensor: TensorProto, output: ModelOutput) -> int:
+    new = output.new_tensors.get(tensor.name)
+    if new is not None:
+        return int(np.prod(new.dims, dtype=np.int64)) * np_dtype(new.data_type).itemsize
+    return tensor_nbytes(tensor)
+
+
+def _inline_all(proto: onnx.ModelProto, output: ModelOutput) -> None:
+    for tensor in proto.graph.initializer:
+        new = output.new_tensors.get(tensor.name)
+        if new is not None:
+            tensor.CopyFrom(numpy_helper.from_array(new.materialize(), tensor.name))
+        elif _is_external(tensor):
+            array = np.ascontiguousarray(tensor_array(tensor, output.source_dir, mmap=False))
+            tensor.ClearField("external_data")
+            tensor.data_location = TensorProto.DEFAULT
+            tensor.raw_data = array.tobytes()
+
+
+def _write_external(proto: onnx.ModelProto, output: ModelOutput, data_path: Path, location: str) -> None:
+    with open(data_path, "wb") as dst:
+        for tensor in proto.graph.initializer:
+            new = output.new_tensors.get(tensor.name)
+            nbytes = _output_nbytes(tensor, output)
+            if new is None and nbytes < INLINE_BYTES:
+                if _is_external(tensor):
+                    array = np.ascontiguousarray(tensor_array(tensor, output.source_dir, mmap=False))
+                    tensor.ClearField("external_data")
+                    tensor.data_location = TensorProto.DEFAULT
+                    tensor.raw_data = array.tobytes()
+                continue
+            offset = -dst.tell() % ALIGN + dst.tell()
+            dst.write(b"\0" * (offset - dst.tell()))
+            if new is not None:
+                for chunk in new.chunks():
+                    dst.write(np.ascontiguousarray(chunk, dtype=np_dtype(new.data_type)).tobytes())
+            elif _is_external(tensor):
+                info = _external_info(tensor)
+                _copy_range(output.source_dir / info["location"], int(info.get("offset", 0)), nbytes, dst)
+            else:
+                dst.write(np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes())
+            written = dst.tell() - offset
+            if written != nbytes:
+                raise AssertionError(f"tensor {tensor.name}: wrote {written} bytes, expected {nbytes}")
+            for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data", "external_data"):
+                tensor.ClearField(name)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def _copy_range(src: Path, offset: int, count: int, dst) -> None:
+    """Copy count bytes at offset of src to the end of dst, in the kernel where possible."""
+    dst.flush()
+    with open(src, "rb") as f:
+        remaining, pos = count, offset
+        while remaining:
+            try:
+                n = os.copy_file_range(f.fileno(), dst.fileno(), min(remaining, 1 << 30), pos)
+            except (AttributeError, OSError):
+                f.seek(pos)
+                n = os.write(dst.fileno(), f.read(min(remaining, 1 << 24)))
+            if n == 0:
+                raise OSError(f"{src}: unexpected end of file")
+            remaining -= n
+            pos += n
+    dst.seek(0, os.SEEK_END)
+
+
+# ---------------------------------------------------------------- verification
+
+def ort_session(path: Path, light: bool = False, providers: list[str] | None = None):
+    """An onnxruntime session; light=True skips graph optimizations and weight prepacking (a load check)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if light:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def verify_model(path: Path, reference: Path | None = None) -> None:
+    """onnx.checker and an onnxruntime load must pass, unless the reference (input) model fails them too."""
+    for name, check in (("onnx.checker", lambda p: onnx.checker.check_model(str(p))),
+                        ("onnxruntime", lambda p: ort_session(p, light=True))):
+        try:
+            check(path)
+        except Exception as exc:
+            if reference is not None:
+                try:
+                    check(reference)
+                except Exception:
+                    continue   # the input fails this check already; nothing we changed
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"the written model fails {name}: {message}") from exc

@@ -1,0 +1,238 @@
+"""Stage 5, rewrite: replace each planned group of FFN blocks by one wide FFN.
+
+For a group a..z with residual input x (the group's first block input):
+    x_out = x + (silu(h @ Wg* + bg*) * (h @ Wu* + bu*)) @ Wd* + sum_t bd_t,     h = n(x)
+    Wg* = [diag(g_a) Wg_a | ... | diag(g_z) Wg_z]     (gains folded in float32, then cast to the weight type)
+    Wu* = [diag(g_a) Wu_a | ... | diag(g_z) Wu_z]
+    Wd* = [Wd_a ; ... ; Wd_z]
+which equals the parallel form x + sum_t FFN_t(n(x) * g_t) exactly (up to float rounding).
+With merge_gate_up, one MatMul with [Wg* | Wu*] is followed by Split(gate, up): gate first.
+
+The residual node of the group's last block is kept (its name too) and re-pointed at x and the fused output;
+the blocks' own nodes are removed once nothing reads them; every other node is untouched. New weights are
+`NewTensor`s produced row-chunk by row-chunk from memory-mapped sources when the model is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from passes.graph import default_opset
+from passes.match import FFNBlock, WeightRef
+from passes.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype, tensor_array
+from passes.plan import Group
+
+
+@dataclass
+class _Weights:
+    """Reads effective weight values (transpose and cast applied) of one model, a row range at a time."""
+    tensors: dict[str, TensorProto]
+    base_dir: Path
+
+    def rows(self, ref: WeightRef, r0: int, r1: int) -> np.ndarray:
+        stored = tensor_array(self.tensors[ref.name], self.base_dir)
+        rows = stored[:, r0:r1].T if ref.transposed else stored[r0:r1]
+        return np.array(rows, dtype=np_dtype(ref.data_type))
+
+    def vector(self, ref: WeightRef | None, size: int, dtype: np.dtype) -> np.ndarray:
+        if ref is None:
+            return np.zeros(size, dtype)
+        return np.array(tensor_array(self.tensors[ref.name], self.base_dir), dtype=np_dtype(ref.data_type)).astype(dtype)
+
+    def gain(self, block: FFNBlock, dtype: np.dtype) -> np.ndarray:
+        g = np.ones(block.hidden_size, dtype)
+        for ref in block.norm.gains:
+            g *= self.vector(ref, block.hidden_size, dtype)
+        return g
+
+
+def _accumulate_dtype(data_type: int) -> np.dtype:
+    return np.dtype(np.float64 if data_type == TensorProto.DOUBLE else np.float32)
+
+
+def _rows_per_chunk(row_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, row_bytes))
+
+
+def _gate_up_tensor(name: str, members: list[FFNBlock], weights: _Weights, which: tuple[str, ...]) -> NewTensor:
+    """[diag(g_a) W_a | ... | diag(g_z) W_z] over the projections in `which` ("gate", "up"), in that order."""
+    d = members[0].hidden_size
+    dtype = np_dtype(members[0].data_type)
+    acc = _accumulate_dtype(members[0].data_type)
+    total = sum(b.width for b in members) * len(which)
+
+    def chunks() -> Iterator[np.ndarray]:
+        gains = [weights.gain(b, acc) for b in members]
+        step = _rows_per_chunk(total * dtype.itemsize)
+        for r0 in range(0, d, step):
+            r1 = min(d, r0 + step)
+            parts = [(gains[k][r0:r1, None] * weights.rows(getattr(b, proj), r0, r1).astype(acc)).astype(dtype)
+                     for proj in which for k, b in enumerate(members)]
+            yield np.concatenate(parts, axis=1)
+
+    return NewTensor(name, (d, total), members[0].data_type, chunks)
+
+
+def _down_tensor(name: str, members: list[FFNBlock], weights: _Weights) -> NewTensor:
+    """[Wd_a ; ... ; Wd_z], stacked along the input axis."""
+    d = members[0].hidden_size
+    dtype = np_dtype(members[0].data_type)
+
+    def chunks() -> Iterator[np.ndarray]:
+        step = _rows_per_chunk(d * dtype.itemsize)
+        for b in members:
+            for r0 in range(0, b.width, step):
+                yield weights.rows(b.down, r0, min(b.width, r0 + step))
+
+    return NewTensor(name, (sum(b.width for b in members), d), members[0].data_type, chunks)
+
+
+def _bias_tensor(name: str, members: list[FFNBlock], weights: _Weights, which: tuple[str, ...]) -> NewTensor | None:
+    """Concatenated gate/up biases (zeros where a block has none); for "down", the sum of the down biases."""
+    if not any(getattr(b, f"{proj}_bias") for b in members for proj in which):
+        return None
+    dtype = np_dtype(members[0].data_type)
+    acc = _accumulate_dtype(members[0].data_type)
+    if which == ("down",):
+        d = members[0].hidden_size
+        value = sum(weights.vector(b.down_bias, d, acc) for b in members).astype(dtype)
+    else:
+        value = np.concatenate([weights.vector(getattr(b, f"{proj}_bias"), b.width, acc)
+                                for proj in which for b in members]).astype(dtype)
+    return NewTensor(name, value.shape, members[0].data_type, lambda: iter([value]))
+
+
+def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, opset: int,
+                     merge_gate_up: bool) -> tuple[list[onnx.NodeProto], list[TensorProto], dict[str, NewTensor], str]:
+    """Nodes, small initializers and new weight tensors of the fused FFN; returns its output (y) too."""
+    x = members[0].residual_in
+    T = members[0].data_type
+    m_total = sum(b.width for b in members)
+    nodes: list[onnx.NodeProto] = []
+    small: list[TensorProto] = []
+    new: dict[str, NewTensor] = {}
+
+    def node(op, inputs, name, **attrs):
+        out = f"{prefix}/{name}_output_0"
+        nodes.append(helper.make_node(op, inputs, [out], name=f"{prefix}/{name}", **attrs))
+        return out
+
+    def const(name, array):
+        small.append(numpy_helper.from_array(array, f"{prefix}/{name}"))
+        return small[-1].name
+
+    def linear(input_, name, weight: NewTensor, bias: NewTensor | None):
+        new[weight.name] = weight
+        out = node("MatMul", [input_, weight.name], f"{name}/MatMul")
+        if bias is not None:
+            new[bias.name] = bias
+            out = node("Add", [out, bias.name], f"{name}/Add")
+        return out
+
+    # h = n(x), RMSNorm in float32 with a unit gain (each block's gain is folded into its weights)
+    xf = node("Cast", [x], "norm/Cast", to=TensorProto.FLOAT) if T != TensorProto.FLOAT else x
+    sq = node("Pow", [xf, const("norm/two", np.array(2.0, np.float32))], "norm/Pow")
+    if opset >= 18:
+        ms = node("ReduceMean", [sq, const("norm/axes", np.array([-1], np.int64))], "norm/ReduceMean", keepdims=1)
+    else:
+        ms = node("ReduceMean", [sq], "norm/ReduceMean", axes=[-1], keepdims=1)
+    var = node("Add", [ms, const("norm/eps", np.array(members[0].norm.eps, np.float32))], "norm/Add")
+    n = node("Div", [xf, node("Sqrt", [var], "norm/Sqrt")], "norm/Div")
+    n = node("Cast", [n], "norm/Cast_1", to=T) if T != TensorProto.FLOAT else n
+    unit = const("norm/weight", np.ones(members[0].hidden_size, np_dtype(T)))
+    h = node("Mul", [n, unit], "norm/Mul")
+
+    if merge_gate_up:
+        gate_up = linear(h, "gate_up", _gate_up_tensor(f"{prefix}/gate_up.weight", members, weights, ("gate", "up")),
+                         _bias_tensor(f"{prefix}/gate_up.bias", members, weights, ("gate", "up")))
+        gate, up = f"{prefix}/gate_up/Split_output_0", f"{prefix}/gate_up/Split_output_1"
+        if opset >= 13:
+            split = helper.make_node("Split", [gate_up, const("gate_up/split", np.array([m_total, m_total], np.int64))],
+                                     [gate, up], name=f"{prefix}/gate_up/Split", axis=-1)
+        else:
+            split = helper.make_node("Split", [gate_up], [gate, up], name=f"{prefix}/gate_up/Split", axis=-1, split=[m_total, m_total])
+        nodes.append(split)
+    else:
+        gate = linear(h, "gate", _gate_up_tensor(f"{prefix}/gate.weight", members, weights, ("gate",)),
+                      _bias_tensor(f"{prefix}/gate.bias", members, weights, ("gate",)))
+        up = linear(h, "up", _gate_up_tensor(f"{prefix}/up.weight", members, weights, ("up",)),
+                    _bias_tensor(f"{prefix}/up.bias", members, weights, ("up",)))
+    silu = node("Mul", [gate, node("Sigmoid", [gate], "act/Sigmoid")], "act/Mul")
+    act = node("Mul", [silu, up], "act/Mul_1")
+    y = linear(act, "down", _down_tensor(f"{prefix}/down.weight", members, weights),
+               _bias_tensor(f"{prefix}/down.bias", members, weights, ("down",)))
+    return nodes, small, new, y
+
+
+def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group], *,
+                merge_gate_up: bool = False) -> ModelOutput:
+    """A new model in which every group is one wide FFN. Groups must have passed plan.check_groups."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    weights = _Weights(initializer_map(model.proto), model.base_dir)
+    opset = default_opset(proto)
+    insert_before: dict[int, list[onnx.NodeProto]] = {}
+    candidates: set[int] = set()
+    output = ModelOutput(proto, model.base_dir)
+    for group in groups:
+        members = [blocks[o] for o in group.ordinals]
+        prefix = f"/fused_ffn_{group.first}_{group.last}"
+        nodes, small, new, y = _fused_ffn_nodes(prefix, members, weights, opset, merge_gate_up)
+        last = members[-1]
+        insert_before[last.residual_node] = nodes
+        residual = graph.node[last.residual_node]
+        residual.input[last.residual_ports[0]] = members[0].residual_in
+        residual.input[last.residual_ports[1]] = y
+        graph.initializer.extend(small)
+        for tensor in new.values():
+            graph.initializer.append(TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
+        output.new_tensors.update(new)
+        for b in members:
+            candidates.update(b.nodes)
+        candidates.update(b.residual_node for b in members[:-1])
+
+    old_nodes = list(graph.node)
+    keep = _live_nodes(old_nodes, candidates, {o.name for o in graph.output})
+    ordered = []
+    for i, node in enumerate(old_nodes):
+        ordered += insert_before.get(i, [])
+        if i in keep:
+            ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    _drop_unused(graph, removed=[old_nodes[i] for i in range(len(old_nodes)) if i not in keep])
+    return output
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], candidates: set[int], graph_outputs: set[str]) -> set[int]:
+    """Indices of nodes to keep: everything except candidates whose outputs nobody reads any more."""
+    keep = set(range(len(nodes)))
+    changed = True
+    while changed:
+        changed = False
+        read = {name for i in keep for name in nodes[i].input} | graph_outputs
+        for i in sorted(candidates & keep):
+            if not any(out and out in read for out in nodes[i].output):
+                keep.discard(i)
+                changed = True
+    return keep
+
+
+def _drop_unused(graph: onnx.GraphProto, removed: list[onnx.NodeProto]) -> None:
+    """Remove initializers only the removed nodes read, and value_info of tensors nobody produces any more."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    orphaned = {name for node in removed for name in node.input} - read
+    for field in (graph.initializer, graph.input):
+        kept = [t for t in field if t.name not in orphaned]
+        del field[:]
+        field.extend(kept)
+    produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
+    info = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
