@@ -1,0 +1,233 @@
+"""Synthetic Puzzle-style models written straight to ONNX (no torch), at any size, weights streamed to disk.
+
+A layer is "A" (attention + FFN), "F" (FFN only: attention no_op) or "a" (attention only). Graphs:
+  prefill: input_ids [batch, seq] -> logits [batch, seq, vocab]
+  decode:  input_ids [batch, 1], past_key_i / past_value_i [batch, kv_heads, past, head_dim]
+           -> logits [batch, 1, vocab], present_key_i / present_value_i (past + 1)
+  ffn:     x [batch, seq, d] -> x after k FFN blocks (no embedding, no attention)
+Attention is causal GQA without rotary embeddings (latency and graph structure are what matter here).
+Weights are drawn from a seeded pool of N(0, 0.02) values, so a 16 GB model is written at disk speed.
+
+    python -m bench.synthetic --preset llama8b-puzzle -o m.onnx
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from passes.errors import fail, run_cli
+from passes.onnx_io import ModelOutput, NewTensor, np_dtype, save_model
+
+DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    hidden: int = 4096
+    ffn_width: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    vocab: int = 128256
+    layout: str = "A" * 32           # one letter a layer
+    dtype: str = "fp16"
+    eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+PRESETS = {
+    # Llama-3.1-8B shapes, attention removed from the 16 middle layers (Puzzle removes it in runs):
+    # 32 FFNs of which 17 form one chain, 16 attentions, ~15 GB in fp16.
+    "llama8b-puzzle": SyntheticConfig(layout="A" * 8 + "F" * 16 + "A" * 8),
+    "tiny": SyntheticConfig(hidden=64, ffn_width=128, heads=4, kv_heads=2, vocab=256, layout="AFFFFAFFA", dtype="fp32"),
+}
+
+
+class _Builder:
+    """Collects nodes and weight placeholders; weights come from a shared pool of random values."""
+
+    def __init__(self, cfg: SyntheticConfig, seed: int = 0):
+        self.cfg = cfg
+        self.T = DTYPES[cfg.dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.new: dict[str, NewTensor] = {}
+        rng = np.random.default_rng(seed)
+        self.pool = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np_dtype(self.T))
+        self.cursor = 0
+
+    def node(self, op, inputs, name, n_out=1, **attrs):
+        outs = [f"{name}_output_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, name, array):
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight(self, name, dims, fill=None):
+        """A [rows, cols] weight streamed from the pool (or constant `fill`)."""
+        dtype, pool, start = np_dtype(self.T), self.pool, self.cursor
+        self.cursor = (self.cursor + 7919 * dims[-1]) % len(pool)
+        rows_per_chunk = max(1, (32 << 20) // (dims[-1] * dtype.itemsize))
+
+        def chunks():
+            cols = dims[-1]
+            rows = dims[0] if len(dims) == 2 else 1
+            for r0 in range(0, rows, rows_per_chunk):
+                n = min(rows, r0 + rows_per_chunk) - r0
+                if fill is not None:
+                    yield np.full((n, cols), fill, dtype)
+                    continue
+                idx = (start + (r0 + np.arange(n))[:, None] * 4099 + np.arange(cols)[None, :]) % len(pool)
+                yield pool[idx]
+
+        self.new[name] = NewTensor(name, tuple(dims), self.T, chunks)
+        self.inits.append(TensorProto(name=name, data_type=self.T, dims=dims))
+        return name
+
+    # ---------------------------------------------------------------- blocks
+    def rmsnorm(self, x, prefix):
+        c = self.cfg
+        xf = self.node("Cast", [x], f"{prefix}/Cast", to=TensorProto.FLOAT) if self.T != TensorProto.FLOAT else x
+        sq = self.node("Pow", [xf, self.const(f"{prefix}/two", np.float32(2))], f"{prefix}/Pow")
+        ms = self.node("ReduceMean", [sq], f"{prefix}/ReduceMean", axes=[-1], keepdims=1)
+        var = self.node("Add", [ms, self.const(f"{prefix}/eps", np.float32(c.eps))], f"{prefix}/Add")
+        n = self.node("Div", [xf, self.node("Sqrt", [var], f"{prefix}/Sqrt")], f"{prefix}/Div")
+        if self.T != TensorProto.FLOAT:
+            n = self.node("Cast", [n], f"{prefix}/Cast_1", to=self.T)
+        gain = self.weight(f"{prefix}.weight", [c.hidden], fill=1.0)
+        return self.node("Mul", [n, gain], f"{prefix}/Mul")
+
+    def ffn(self, x, prefix, width):
+        d = self.cfg.hidden
+        h = self.rmsnorm(x, f"{prefix}/ffn_norm")
+        g = self.node("MatMul", [h, self.weight(f"{prefix}.mlp.gate_proj", [d, width])], f"{prefix}/mlp/gate_proj/MatMul")
+        u = self.node("MatMul", [h, self.weight(f"{prefix}.mlp.up_proj", [d, width])], f"{prefix}/mlp/up_proj/MatMul")
+        s = self.node("Mul", [g, self.node("Sigmoid", [g], f"{prefix}/mlp/Sigmoid")], f"{prefix}/mlp/Mul")
+        a = self.node("Mul", [s, u], f"{prefix}/mlp/Mul_1")
+        y = self.node("MatMul", [a, self.weight(f"{prefix}.mlp.down_proj", [width, d])], f"{prefix}/mlp/down_proj/MatMul")
+        return self.node("Add", [x, y], f"{prefix}/Add_1")
+
+    def attention(self, x, prefix, past=None):
+        """Causal GQA. past=(past_key, past_value) for a decode step; returns (x', present_key, present_value)."""
+        c = self.cfg
+        d, hd, kvh, grp = c.hidden, c.head_dim, c.kv_heads, c.heads // c.kv_heads
+        h = self.rmsnorm(x, f"{prefix}/attn_norm")
+        q = self.node("MatMul", [h, self.weight(f"{prefix}.self_attn.q_proj", [d, d])], f"{prefix}/self_attn/q_proj/MatMul")
+        k = self.node("MatMul", [h, self.weight(f"{prefix}.self_attn.k_proj", [d, kvh * hd])], f"{prefix}/self_attn/k_proj/MatMul")
+        v = self.node("MatMul", [h, self.weight(f"{prefix}.self_attn.v_proj", [d, kvh * hd])], f"{prefix}/self_attn/v_proj/MatMul")
+        shape_q = self.const(f"{prefix}/shape_q", np.array([0, 0, kvh, grp, hd], np.int64))
+        shape_kv = self.const(f"{prefix}/shape_kv", np.array([0, 0, kvh, hd], np.int64))
+        q = self.node("Transpose", [self.node("Reshape", [q, shape_q], f"{prefix}/Reshape_q")], f"{prefix}/Transpose_q", perm=[0, 2, 3, 1, 4])
+        k = self.node("Transpose", [self.node("Reshape", [k, shape_kv], f"{prefix}/Reshape_k")], f"{prefix}/Transpose_k", perm=[0, 2, 1, 3])
+        v = self.node("Transpose", [self.node("Reshape", [v, shape_kv], f"{prefix}/Reshape_v")], f"{prefix}/Transpose_v", perm=[0, 2, 1, 3])
+        if past is not None:
+            k = self.node("Concat", [past[0], k], f"{prefix}/Concat_k", axis=2)
+            v = self.node("Concat", [past[1], v], f"{prefix}/Concat_v", axis=2)
+        present = (k, v)
+        axes = self.const(f"{prefix}/axes_group", np.array([2], np.int64))
+        kt = self.node("Transpose", [self.node("Unsqueeze", [k, axes], f"{prefix}/Unsqueeze_k")], f"{prefix}/Transpose_kt", perm=[0, 1, 2, 4, 3])
+        vu = self.node("Unsqueeze", [v, axes], f"{prefix}/Unsqueeze_v")
+        scores = self.node("MatMul", [q, kt], f"{prefix}/MatMul_qk")        # [b, kvh, grp, s, total]
+        scale = self.const(f"{prefix}/scale", np.array(hd ** -0.5, np_dtype(self.T)))
+        scores = self.node("Mul", [scores, scale], f"{prefix}/Mul_scale")
+        if past is None:
+            scores = self.node("Add", [scores, self.mask], f"{prefix}/Add_mask")
+        probs = self.node("Softmax", [scores], f"{prefix}/Softmax", axis=-1)
+        a = self.node("MatMul", [probs, vu], f"{prefix}/MatMul_pv")         # [b, kvh, grp, s, hd]
+        a = self.node("Transpose", [a], f"{prefix}/Transpose_out", perm=[0, 3, 1, 2, 4])
+        a = self.node("Reshape", [a, self.const(f"{prefix}/shape_out", np.array([0, 0, d], np.int64))], f"{prefix}/Reshape_out")
+        o = self.node("MatMul", [a, self.weight(f"{prefix}.self_attn.o_proj", [d, d])], f"{prefix}/self_attn/o_proj/MatMul")
+        return self.node("Add", [x, o], f"{prefix}/Add"), present
+
+    def causal_mask(self, ids):
+        """Additive [s, s] mask: -inf above the diagonal (from the runtime sequence length)."""
+        seq = self.node("Gather", [self.node("Shape", [ids], "/mask/Shape"), self.const("/mask/one", np.array(1, np.int64))], "/mask/Gather")
+        ss = self.node("Concat", [self.node("Unsqueeze", [seq, self.const("/mask/zero", np.array([0], np.int64))], "/mask/Unsqueeze")] * 2,
+                       "/mask/Concat", axis=0)
+        low = np.finfo(np.float16).min if self.T == TensorProto.FLOAT16 else -1e30
+        full = self.node("ConstantOfShape", [ss], "/mask/ConstantOfShape",
+                         value=numpy_helper.from_array(np.array([low], np_dtype(self.T))))
+        return self.node("Trilu", [full, self.const("/mask/k", np.array(1, np.int64))], "/mask/Trilu", upper=1)
+
+
+def build(cfg: SyntheticConfig, mode: str = "prefill", seed: int = 0) -> tuple[onnx.ModelProto, dict[str, NewTensor]]:
+    """The ONNX graph (weights as placeholders) and the streamed weights of a synthetic model."""
+    b = _Builder(cfg, seed)
+    T, d = b.T, cfg.hidden
+    inputs, outputs = [], []
+    if mode == "ffn":
+        x = "x"
+        inputs.append(helper.make_tensor_value_info("x", T, ["batch", "seq", d]))
+    else:
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]))
+        x = b.node("Gather", [b.weight("model.embed_tokens", [cfg.vocab, d]), "input_ids"], "/embed_tokens/Gather")
+        if mode == "prefill":
+            b.mask = b.causal_mask("input_ids")
+    for i, kind in enumerate(cfg.layout):
+        prefix = f"/layers.{i}"
+        if kind in "Aa" and mode != "ffn":
+            past = None
+            if mode == "decode":
+                past = (f"past_key_{i}", f"past_value_{i}")
+                for name in past:
+                    inputs.append(helper.make_tensor_value_info(name, T, ["batch", cfg.kv_heads, "past", cfg.head_dim]))
+            x, present = b.attention(x, prefix, past)
+            if mode == "decode":
+                for name, tensor in zip((f"present_key_{i}", f"present_value_{i}"), present):
+                    b.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"{prefix}/{name}"))
+                    outputs.append(helper.make_tensor_value_info(name, T, ["batch", cfg.kv_heads, "total", cfg.head_dim]))
+        if kind in "AF":
+            x = b.ffn(x, prefix, cfg.ffn_width)
+    if mode == "ffn":
+        b.nodes.append(helper.make_node("Identity", [x], ["y"], name="/output/Identity"))
+        outputs.insert(0, helper.make_tensor_value_info("y", T, ["batch", "seq", d]))
+    else:
+        h = b.rmsnorm(x, "/norm")
+        b.node("MatMul", [h, b.weight("lm_head", [d, cfg.vocab])], "/lm_head/MatMul")
+        b.nodes[-1].output[0] = "logits"
+        outputs.insert(0, helper.make_tensor_value_info("logits", T, ["batch", "seq", cfg.vocab]))
+    graph = helper.make_graph(b.nodes, f"synthetic_{mode}", inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ffn-fusion bench.synthetic")
+    model.ir_version = 10
+    return model, b.new
+
+
+def write(cfg: SyntheticConfig, path: str | Path, mode: str = "prefill", seed: int = 0, verify: bool = True) -> Path:
+    model, new = build(cfg, mode, seed)
+    return save_model(ModelOutput(model, Path(path).parent, new), path, external=True, verify=verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--layout", help="override the layer layout (letters A, F, a)")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--ffn-width", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--mode", choices=("prefill", "decode", "ffn"), default="prefill")
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    overrides = {k: v for k, v in (("layout", args.layout), ("hidden", args.hidden), ("ffn_width", args.ffn_width),
+                                   ("vocab", args.vocab), ("dtype", args.dtype)) if v is not None}
+    cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})
+    if set(cfg.layout) - set("AFa"):
+        fail(f"layout '{cfg.layout}' may only contain A (attention+FFN), F (FFN only), a (attention only)")
+    path = write(cfg, args.output, args.mode)
+    print(f"wrote {path} ({cfg.layout.count('A') + cfg.layout.count('a')} attention, "
+          f"{cfg.layout.count('A') + cfg.layout.count('F')} FFN layers, hidden {cfg.hidden}, {cfg.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
