@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", help="a short label for tables and plots")
     args = parser.parse_args(argv)
 
+    if args.provider == "cuda":
+        try:
+            import torch  # noqa: F401  (loads the CUDA libraries onnxruntime-gpu links against)
+        except ImportError:
+            pass
     import onnxruntime as ort
     available = ort.get_available_providers()
     wanted = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[args.provider]
