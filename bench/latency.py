@@ -6,6 +6,8 @@ Graph kinds, recognised from the inputs:
   ffn     x [batch, seq, d]               -> tokens = seq
   prefill input_ids [batch, seq]          -> tokens = seq
   decode  input_ids [batch, 1] + past_*   -> one decode step with a KV cache of --past positions
+Two numbers per model: the median of synchronous runs (what a caller waiting for each result sees) and
+the median per-run time of runs queued back to back (device-bound; host overhead hidden).
 The roofline floor for each model is max(weight bytes / copy bandwidth, matmul FLOPs / matmul rate), with
 bandwidth and rate measured on the device (torch) when it is a GPU, where
   weight bytes = bytes of all initializers, FLOPs = 2 * batch * tokens * (elements of all 2-D MatMul weights).
@@ -150,10 +152,22 @@ class BoundModel:
             self.binding.bind_ortvalue_output(meta.name, self.outputs[meta.name])
 
     def run(self) -> float:
+        """Seconds for one synchronous run: what a caller waiting for each result sees, host overhead included."""
         start = time.perf_counter()
         self.session.run_with_iobinding(self.binding)
         self.binding.synchronize_outputs()
         return time.perf_counter() - start
+
+    def run_pipelined(self, n: int = 10) -> float:
+        """Seconds per run over n runs queued back to back without waiting in between (device-bound time)."""
+        import onnxruntime as ort
+        options = ort.RunOptions()
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        start = time.perf_counter()
+        for _ in range(n):
+            self.session.run_with_iobinding(self.binding, options)
+        self.binding.synchronize_outputs()
+        return (time.perf_counter() - start) / n
 
 
 def _bound(path: Path, provider: str, cuda_graph: bool, feeds) -> BoundModel:
@@ -174,16 +188,17 @@ def _bound(path: Path, provider: str, cuda_graph: bool, feeds) -> BoundModel:
         return model
 
 
-def time_side_by_side(models: list[BoundModel], warmup: int, runs: int) -> list[list[float]]:
-    """Alternate the models run by run (ABAB..., reversed every other round) so drift hits both alike."""
+def time_side_by_side(models: list[BoundModel], warmup: int, runs: int, pipelined: bool = False) -> list[list[float]]:
+    """Alternate the models run by run (AB, then BA, ...) so drift hits both alike; per-run seconds."""
+    measure = (lambda m: m.run_pipelined()) if pipelined else (lambda m: m.run())
     for _ in range(warmup):
         for m in models:
-            m.run()
+            measure(m)
     samples: list[list[float]] = [[] for _ in models]
     for r in range(runs):
         order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
         for k in order:
-            samples[k].append(models[k].run())
+            samples[k].append(measure(models[k]))
     return samples
 
 
@@ -247,22 +262,29 @@ def main(argv: list[str] | None = None) -> int:
                     feeds = make_feeds(session, batch, t, args.past if kind == "decode" else 0)
                 models.append(_bound(p, args.provider, args.provider == "cuda" and not args.no_cuda_graph, feeds))
             samples = time_side_by_side(models, args.warmup, args.runs)
+            queued = time_side_by_side(models, 2, max(5, args.runs // 5), pipelined=True)
             med = [statistics.median(s) for s in samples]
+            qmed = [statistics.median(s) for s in queued]
             floors = [c.floor_seconds(device, batch * t) for c in costs]
             record = {"batch": batch, "tokens": t, "kind": kind,
                       "original_us": med[0] * 1e6, "fused_us": med[1] * 1e6, "speedup": med[0] / med[1],
+                      "queued_original_us": qmed[0] * 1e6, "queued_fused_us": qmed[1] * 1e6,
+                      "queued_speedup": qmed[0] / qmed[1],
                       "cuda_graph": [m.cuda_graph for m in models],
                       "floor_original_us": floors[0] and floors[0] * 1e6, "floor_fused_us": floors[1] and floors[1] * 1e6,
                       "spread_us": [(np.percentile(s, 90) - np.percentile(s, 10)) * 1e6 for s in samples]}
             records.append(record)
             rows.append((batch, t, round(record["original_us"], 1), round(record["fused_us"], 1),
-                         f"{record['speedup']:.2f}x",
+                         f"{record['speedup']:.2f}x", round(qmed[0] * 1e6, 1), round(qmed[1] * 1e6, 1),
+                         f"{record['queued_speedup']:.2f}x",
                          "-" if floors[1] is None else round(floors[1] * 1e6, 1),
-                         "-" if floors[1] is None else f"{floors[1] / med[1] * 100:.0f}%"))
+                         "-" if floors[1] is None else f"{floors[1] / qmed[1] * 100:.0f}%"))
             del models
     label = args.label or Path(args.fused).stem
     print(f"{label}: {kind} graph, provider {args.provider}, {device.name}")
-    print(table(rows, header=("batch", "tokens", "original us", "fused us", "speedup", "fused floor us", "of floor")))
+    print(table(rows, header=("batch", "tokens", "original us", "fused us", "speedup", "queued orig", "queued fused",
+                              "queued speedup", "fused floor us", "floor/queued")))
+    print("  (us: median per run; 'queued': runs issued back to back, synchronizing once per 10, i.e. device-bound time)")
     result = {"label": label, "kind": kind, "provider": args.provider, "device": asdict(device),
               "models": {"original": str(paths[0]), "fused": str(paths[1])},
               "weight_bytes": {"original": costs[0].weight_bytes, "fused": costs[1].weight_bytes},

@@ -117,33 +117,45 @@ class _Builder:
         return self.node("Add", [x, y], f"{prefix}/Add_1")
 
     def attention(self, x, prefix, past=None):
-        """Causal GQA. past=(past_key, past_value) for a decode step; returns (x', present_key, present_value)."""
+        """Causal GQA. past=(past_key, past_value) for a decode step; returns (x', (present_key, present_value)).
+
+        K and V heads are repeated to all query heads with Tile (constant repeats, no shape arithmetic), so every
+        attention MatMul is a plain batched product and the graph stays capturable in a CUDA graph."""
         c = self.cfg
         d, hd, kvh, grp = c.hidden, c.head_dim, c.kv_heads, c.heads // c.kv_heads
         h = self.rmsnorm(x, f"{prefix}/attn_norm")
         q = self.node("MatMul", [h, self.weight(f"{prefix}.self_attn.q_proj", [d, d])], f"{prefix}/self_attn/q_proj/MatMul")
         k = self.node("MatMul", [h, self.weight(f"{prefix}.self_attn.k_proj", [d, kvh * hd])], f"{prefix}/self_attn/k_proj/MatMul")
         v = self.node("MatMul", [h, self.weight(f"{prefix}.self_attn.v_proj", [d, kvh * hd])], f"{prefix}/self_attn/v_proj/MatMul")
-        shape_q = self.const(f"{prefix}/shape_q", np.array([0, 0, kvh, grp, hd], np.int64))
-        shape_kv = self.const(f"{prefix}/shape_kv", np.array([0, 0, kvh, hd], np.int64))
-        q = self.node("Transpose", [self.node("Reshape", [q, shape_q], f"{prefix}/Reshape_q")], f"{prefix}/Transpose_q", perm=[0, 2, 3, 1, 4])
-        k = self.node("Transpose", [self.node("Reshape", [k, shape_kv], f"{prefix}/Reshape_k")], f"{prefix}/Transpose_k", perm=[0, 2, 1, 3])
-        v = self.node("Transpose", [self.node("Reshape", [v, shape_kv], f"{prefix}/Reshape_v")], f"{prefix}/Transpose_v", perm=[0, 2, 1, 3])
+
+        def heads(t, n, name):   # [b, s, n*hd] -> [b, n, s, hd]
+            shape = self.const(f"{prefix}/shape_{name}", np.array([0, 0, n, hd], np.int64))
+            return self.node("Transpose", [self.node("Reshape", [t, shape], f"{prefix}/Reshape_{name}")],
+                             f"{prefix}/Transpose_{name}", perm=[0, 2, 1, 3])
+
+        q, k, v = heads(q, c.heads, "q"), heads(k, kvh, "k"), heads(v, kvh, "v")
         if past is not None:
             k = self.node("Concat", [past[0], k], f"{prefix}/Concat_k", axis=2)
             v = self.node("Concat", [past[1], v], f"{prefix}/Concat_v", axis=2)
         present = (k, v)
-        axes = self.const(f"{prefix}/axes_group", np.array([2], np.int64))
-        kt = self.node("Transpose", [self.node("Unsqueeze", [k, axes], f"{prefix}/Unsqueeze_k")], f"{prefix}/Transpose_kt", perm=[0, 1, 2, 4, 3])
-        vu = self.node("Unsqueeze", [v, axes], f"{prefix}/Unsqueeze_v")
-        scores = self.node("MatMul", [q, kt], f"{prefix}/MatMul_qk")        # [b, kvh, grp, s, total]
+        group_axis = self.const(f"{prefix}/axes_group", np.array([2], np.int64))
+        repeats = self.const(f"{prefix}/repeats", np.array([1, 1, grp, 1, 1], np.int64))
+        all_heads = self.const(f"{prefix}/shape_heads", np.array([0, c.heads, -1, hd], np.int64))
+
+        def repeat_kv(t, name):  # [b, kvh, t, hd] -> [b, heads, t, hd], each KV head serving grp query heads
+            t = self.node("Tile", [self.node("Unsqueeze", [t, group_axis], f"{prefix}/Unsqueeze_{name}"), repeats], f"{prefix}/Tile_{name}")
+            return self.node("Reshape", [t, all_heads], f"{prefix}/Reshape_rep_{name}")
+
+        k, v = repeat_kv(k, "k"), repeat_kv(v, "v")
+        kt = self.node("Transpose", [k], f"{prefix}/Transpose_kt", perm=[0, 1, 3, 2])
+        scores = self.node("MatMul", [q, kt], f"{prefix}/MatMul_qk")        # [b, heads, s, total]
         scale = self.const(f"{prefix}/scale", np.array(hd ** -0.5, np_dtype(self.T)))
         scores = self.node("Mul", [scores, scale], f"{prefix}/Mul_scale")
         if past is None:
             scores = self.node("Add", [scores, self.mask], f"{prefix}/Add_mask")
         probs = self.node("Softmax", [scores], f"{prefix}/Softmax", axis=-1)
-        a = self.node("MatMul", [probs, vu], f"{prefix}/MatMul_pv")         # [b, kvh, grp, s, hd]
-        a = self.node("Transpose", [a], f"{prefix}/Transpose_out", perm=[0, 3, 1, 2, 4])
+        a = self.node("MatMul", [probs, v], f"{prefix}/MatMul_pv")          # [b, heads, s, hd]
+        a = self.node("Transpose", [a], f"{prefix}/Transpose_out", perm=[0, 2, 1, 3])
         a = self.node("Reshape", [a, self.const(f"{prefix}/shape_out", np.array([0, 0, d], np.int64))], f"{prefix}/Reshape_out")
         o = self.node("MatMul", [a, self.weight(f"{prefix}.self_attn.o_proj", [d, d])], f"{prefix}/self_attn/o_proj/MatMul")
         return self.node("Add", [x, o], f"{prefix}/Add"), present

@@ -1,7 +1,9 @@
-"""python -m passes.fuse MODEL.onnx -o OUT.onnx [--groups SPEC] [--max-group N] [--merge-gate-up] [--report R.json]
+"""python -m passes.fuse MODEL.onnx -o OUT.onnx [--groups SPEC | --plan paper|auto] [--inputs F] [--report R.json]
 
-match -> chains -> plan -> rewrite -> verify. Without --groups the paper's rule is used: every chain of at
-least 3 FFN blocks is fused except its last block, in groups of at most --max-group blocks.
+match -> chains -> (analysis) -> plan -> rewrite -> verify. Plans: --groups (explicit ordinals); the paper's
+rule (default): every chain of at least 3 FFN blocks is fused except its last block, in groups of at most
+--max-group blocks; --plan auto: groups inside chains whose pairwise dependency M stays under --threshold,
+measured on --inputs. With --inputs, the change of the model's outputs is measured and reported.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from passes.match import match_ffn_blocks
 from passes.onnx_io import load_model, save_model
 from passes.plan import Group, check_groups, paper_rule, parse_groups
 from passes.report import count, span, structure_record, table
-from passes.rewrite import fuse_groups
+from passes.plan_auto import add_cli_arguments, change_summary, measure_change, plan_for_cli
+from passes.rewrite import fuse_groups, group_prefixes
 
 
 @dataclass
@@ -36,6 +39,8 @@ def fuse_file(model_path: str | Path, out_path: str | Path, *, groups: list[Grou
     model_path, out_path = Path(model_path), Path(out_path)
     if out_path.resolve() == model_path.resolve():
         fail(f"output {out_path} is the input model; the input is never modified, choose another -o")
+    if out_path.is_dir():
+        fail(f"output {out_path} is a folder; -o takes the path of the ONNX file to write")
     model = load_model(model_path)
     index = GraphIndex.build(model.proto.graph)
     found = match_ffn_blocks(model.proto, index)
@@ -49,6 +54,7 @@ def fuse_file(model_path: str | Path, out_path: str | Path, *, groups: list[Grou
     if max_group is not None and any(len(g) > max_group for g in groups):
         fail(f"group {next(g for g in groups if len(g) > max_group)} has more than --max-group {max_group} blocks")
 
+    prefixes = group_prefixes(model.proto.graph, groups)
     output = fuse_groups(model, found.blocks, groups, merge_gate_up=merge_gate_up)
     after_blocks = match_ffn_blocks(output.proto).blocks
     protected = {model_path} | model.external_files
@@ -63,7 +69,7 @@ def fuse_file(model_path: str | Path, out_path: str | Path, *, groups: list[Grou
         **structure_record(found.blocks, chains, found.rejections),
         "groups": [[g.first, g.last] for g in groups],
         "fused": [{"group": [g.first, g.last], "width": sum(found.blocks[o].width for o in g.ordinals),
-                   "prefix": f"/fused_ffn_{g.first}_{g.last}",
+                   "prefix": prefixes[g],
                    "replaced_nodes": [n for o in g.ordinals for n in found.blocks[o].node_names]} for g in groups],
         "before": asdict(count(model.proto, found.blocks)),
         "after": asdict(count(output.proto, after_blocks)),
@@ -116,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="auto: external when the input had it or above 1.8 GB")
     parser.add_argument("--report", help="write the JSON report here")
+    add_cli_arguments(parser)
     return parser
 
 
@@ -123,11 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model = Path(args.model)
     out = Path(args.output) if args.output else model.with_name(model.name.removesuffix(".onnx") + ".fused.onnx")
-    groups = parse_groups(args.groups) if args.groups else None
+    groups = parse_groups(args.groups) if args.groups is not None else None
     external = {"auto": None, "always": True, "never": False}[args.external_data]
+    if args.report:
+        report = Path(args.report)
+        if not report.parent.is_dir():
+            fail(f"report folder {report.parent} does not exist")
+        if report.is_dir():
+            fail(f"report {report} is a folder; --report takes the path of the JSON file to write")
+        clash = {model, out, out.with_name(out.name + ".data")} | load_model(model).external_files
+        if report.resolve() in {p.resolve() for p in clash}:
+            fail(f"report {report} would overwrite the input model, the output or their data; choose another --report")
+    auto_groups, plan_name, plan_extra, calib = plan_for_cli(args, model)
+    if auto_groups is not None:
+        groups = auto_groups
     result = fuse_file(model, out, groups=groups, max_group=args.max_group, merge_gate_up=args.merge_gate_up,
-                       external=external, extra={"command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])]})
+                       external=external, plan_name=plan_name,
+                       extra={"command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])], **plan_extra})
+    if calib is not None:
+        result.report["change"] = measure_change(model, out, calib)
     print(summary(result.report))
+    if calib is not None:
+        print(change_summary(result.report["change"]))
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=2) + "\n")
         print(f"  report: {args.report}")

@@ -8,11 +8,12 @@ Recognized forms (torch.onnx TorchScript and dynamo exports, onnxruntime-optimiz
   norm      Pow(x,2)|Mul(x,x) -> ReduceMean(-1) -> Add eps -> Sqrt -> Div | Reciprocal/Div(1,.)+Mul, optional Cast
             to float32 and back, gain Mul on either side; or SimplifiedLayerNormalization, RMSNormalization,
             SkipSimplifiedLayerNormalization (whose output 3 is x, the residual add of the block before it);
-  SiLU      Mul(g, Sigmoid(g)) in either order, or Swish(alpha=1);
+  SiLU      Mul(g, Sigmoid(g)) in either order, Swish(alpha=1), or com.microsoft QuickGelu(alpha=1) (what
+            onnxruntime's QuickGeluFusion makes of Sigmoid+Mul);
   linear    MatMul with an initializer weight, possibly behind Transpose(perm=[1,0]) and/or Cast; optional
             bias Add; or Gemm(alpha=beta=1) on 2-D input;
   residual  Add(x, y) in either order, or the next SkipSimplifiedLayerNormalization(y, x) without bias.
-Matching only reads the graph. Every Sigmoid/Swish that does not lead to a complete block becomes a
+Matching only reads the graph. Every Sigmoid/Swish/QuickGelu that does not lead to a complete block becomes a
 `Rejection` naming the node and the check that failed.
 """
 from __future__ import annotations
@@ -104,12 +105,13 @@ class NoMatch(Exception):
 def match_ffn_blocks(model: onnx.ModelProto, index: GraphIndex | None = None) -> MatchResult:
     """All FFN blocks in residual-stream (graph) order with ordinals, and why each other candidate failed."""
     index = index or GraphIndex.build(model.graph)
+    constants = _constant_nodes(index)
     found, rejections = [], []
     for i, node in enumerate(model.graph.node):
-        if node.op_type not in ("Sigmoid", "Swish"):
+        if node.op_type not in ("Sigmoid", "Swish") and (node.op_type, node.domain) != ("QuickGelu", "com.microsoft"):
             continue
         try:
-            found.append(_match_from_activation(index, i))
+            found.append(_match_from_activation(index, i, constants))
         except NoMatch as miss:
             rejections.append(Rejection(f"{index.node_label(i)} (at {miss.node})", miss.check))
     found.sort(key=lambda b: b.residual_node)
@@ -314,6 +316,8 @@ def _decomposed_norm(index, tensor, where, nodes, gains):
             if found and found[1].op_type == "Div" and _is_scalar(index, found[1].input[0], 1.0):
                 xf, sqrt_out = other, found[1].input[1]
                 nodes.append(found[0])
+                if index.producer_node(found[1].input[0]):
+                    nodes.append(index.producer[found[1].input[0]])   # the Constant 1, else left dangling
                 break
         if xf is None:
             raise NoMatch(label, "Mul is neither a gain (constant operand) nor x * 1/sqrt(...)")
@@ -369,14 +373,31 @@ def _decomposed_norm(index, tensor, where, nodes, gains):
     return x, cast_out, Norm("decomposed", eps, tuple(gains)), nodes
 
 
-def _is_constant_path(index: GraphIndex, k: int) -> bool:
-    """True for Constant nodes and nodes computing only from initializers and constants (weight Transpose/Cast)."""
-    node = index.node(k)
-    if node.op_type == "Constant":
-        return True
-    return all(not name or name in index.initializers
-               or (name in index.producer and _is_constant_path(index, index.producer[name]))
-               for name in node.input)
+def _constant_nodes(index: GraphIndex) -> set[int]:
+    """Constant nodes and nodes computing only from initializers and constants (weight Transpose/Cast).
+
+    A fixed point over the node list, not a recursion: a recursion walked the residual stream back to the graph
+    input for every block node (RecursionError beyond a few hundred layers) and never ended on a cycle."""
+    constant: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for k, node in enumerate(index.graph.node):
+            if k not in constant and (node.op_type == "Constant" or all(
+                    not name or name in index.initializers or index.producer.get(name) in constant
+                    for name in node.input)):
+                constant.add(k)
+                changed = True
+    return constant
+
+
+def _float_source(index: GraphIndex, tensor: str) -> str:
+    """s for tensor = Cast(s, to=float32), else tensor. Two float32 Casts of one tensor hold the same values
+    (onnxruntime's CPU fp16 graphs add one for the residual Add beside the norm's own)."""
+    found = index.producer_node(tensor)
+    if found is not None and found[1].op_type == "Cast" and attribute(found[1], "to") == TensorProto.FLOAT:
+        return found[1].input[0]
+    return tensor
 
 
 def _is_scalar(index: GraphIndex, tensor: str, expected: float) -> bool:
@@ -386,13 +407,14 @@ def _is_scalar(index: GraphIndex, tensor: str, expected: float) -> bool:
 
 # ---------------------------------------------------------------- the block
 
-def _match_from_activation(index: GraphIndex, act_id: int) -> FFNBlock:
+def _match_from_activation(index: GraphIndex, act_id: int, constants: set[int]) -> FFNBlock:
     act = index.node(act_id)
     where = index.node_label(act_id)
     gate_out = act.input[0]
-    if act.op_type == "Swish":
-        if attribute(act, "alpha", 1.0) != 1.0:
-            raise NoMatch(where, "Swish with alpha != 1 is not SiLU")
+    if act.op_type in ("Swish", "QuickGelu"):
+        # QuickGelu's alpha defaults to 1.702 (a GELU approximation); only alpha = 1 is SiLU
+        if attribute(act, "alpha", 1.0 if act.op_type == "Swish" else 1.702) != 1.0:
+            raise NoMatch(where, f"{act.op_type} with alpha != 1 is not SiLU")
         silu_id, silu_out = act_id, act.output[0]
         silu_nodes = [act_id]
     else:
@@ -430,7 +452,7 @@ def _match_from_activation(index: GraphIndex, act_id: int) -> FFNBlock:
     r_label = index.node_label(r_id)
     if r_node.op_type == "Add":
         x = _other_input(r_node, y, r_label)
-        if x not in (stream, cast_out):
+        if x not in (stream, cast_out) and _float_source(index, x) != _float_source(index, stream):
             raise NoMatch(r_label, "the down projection is not added to the block's own residual input")
         ports = (list(r_node.input).index(x), list(r_node.input).index(y))
         x_out = r_node.output[0]
@@ -456,7 +478,7 @@ def _match_from_activation(index: GraphIndex, act_id: int) -> FFNBlock:
 
     nodes = sorted(set(norm_nodes + gate.nodes + up.nodes + silu_nodes + [mul_id] + down.nodes))
     for k in nodes:
-        if norm.kind == SKIP_NORM and x in index.node(k).output or _is_constant_path(index, k):
+        if norm.kind == SKIP_NORM and x in index.node(k).output or k in constants:
             continue   # the skip-norm also carries the previous residual add; weight casts may be shared
         for out in index.node(k).output:
             if out and out not in (x, y) and not _is_unused_elsewhere(index, out, set(nodes)):

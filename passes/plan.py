@@ -35,7 +35,7 @@ def parse_groups(spec: str) -> list[Group]:
     for part in spec.split(","):
         part = part.strip()
         pieces = part.split("-")
-        if len(pieces) != 2 or not all(p.strip().isdigit() for p in pieces):
+        if len(pieces) != 2 or not all(p.strip().isdecimal() for p in pieces):
             fail(f"malformed group '{part}' in --groups '{spec}': expected FIRST-LAST with 0-based ordinals, e.g. 2-5,7-9")
         first, last = (int(p) for p in pieces)
         if last <= first:

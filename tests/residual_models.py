@@ -6,6 +6,14 @@ same stack with chosen FFN groups in the parallel form x + sum_t FFN_t(n(x) * g_
 """
 from __future__ import annotations
 
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -88,8 +96,9 @@ class ResidualStack(nn.Module):
 
 
 def parallel_reference(stack: ResidualStack, x: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
-    """The stack with each FFN group [a, z] run in parallel form, x + sum_t FFN_t(n(x) g_t), in float64."""
-    stack = stack.double()
+    """The stack with each FFN group [a, z] run in parallel form, x + sum_t FFN_t(n(x) g_t), in float64.
+    `stack` itself is left as it is (a float64 copy is evaluated)."""
+    stack = copy.deepcopy(stack).double()
     x = x.double()
     ffn_ordinal = {id(f): k for k, f in enumerate(stack.ffns)}
     start_of = {a: z for a, z in groups}
@@ -125,3 +134,56 @@ def export(stack: nn.Module, path, *, dtype=torch.float32, dynamo: bool = False,
     model.ir_version = 10
     onnx.save(model, str(path))
     return path
+
+
+# ---------------------------------------------------------------- helpers shared by the tests of the passes
+
+REPO = Path(__file__).resolve().parents[1]
+_EXPORTS: dict[tuple, tuple[ResidualStack, Path]] = {}
+_EXPORT_DIR: Path | None = None
+
+
+def cached_export(layout: str, *, dynamo: bool = False, dtype=torch.float32, **stack_args) -> tuple[ResidualStack, Path]:
+    """ResidualStack(layout, **stack_args) exported once per test process (dynamo exports take seconds).
+
+    Returns a private copy of the stack (in `dtype`) and the path of the shared export: treat it as read-only."""
+    global _EXPORT_DIR
+    key = (layout, dynamo, str(dtype), tuple(sorted((k, repr(v)) for k, v in stack_args.items())))
+    if key not in _EXPORTS:
+        if _EXPORT_DIR is None:
+            _EXPORT_DIR = Path(tempfile.mkdtemp(prefix="residual_exports_"))
+        stack = ResidualStack(layout, **stack_args)
+        path = export(stack, _EXPORT_DIR / f"model_{len(_EXPORTS)}.onnx", dtype=dtype, dynamo=dynamo,
+                      d=stack_args.get("d", 32))
+        _EXPORTS[key] = (stack, path)
+    stack, path = _EXPORTS[key]
+    return copy.deepcopy(stack), path
+
+
+def rel_err(actual, expected) -> float:
+    """max|a - b| / max|b|, in float64."""
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def ort_run(model, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
+    """Run a model (path, bytes or ModelProto) in onnxruntime on the CPU."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def run_fuse_cli(*args, cwd=REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    """python -m passes.fuse ARGS in a subprocess (the exit-code contract), with the repository on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "passes.fuse", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,1 @@
+"""Exporters from torch models (models/) to ONNX."""

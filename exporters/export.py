@@ -1,0 +1,288 @@
+"""Export a PuzzleDecoder to an ONNX prefill graph: input_ids [batch, seq] (int64) -> logits [batch, seq, vocab].
+
+    python -m exporters.export SOURCE -o MODEL.onnx [--dtype fp32|fp16|bf16] [--opset N]
+                               [--external-data auto|always|never] [--exporter torchscript|dynamo]
+
+SOURCE is a preset (models.PRESETS), `smollm2`, an HF checkpoint folder or a .gguf file. Batch and sequence are
+dynamic. The graph keeps every FFN in its natural form: RMSNorm as Pow, ReduceMean, Add eps, Sqrt, Div(1, .)
+(TorchScript) or Reciprocal (dynamo), Mul, with Casts to float32 and back in fp16/bf16; gain Mul; MatMul gate and
+up; Sigmoid; Mul; Mul; MatMul down; residual Add. Both exporters name nodes /layers.3/ffn/gate_proj/MatMul and
+tensors <node>_output_<i>; MatMul weights are layers.3.ffn.gate_proj.weight_t ([in, out] layout). Output is written
+to a temporary folder next to MODEL.onnx, checked with onnx.checker and an onnxruntime CPU session, then renamed
+into place. The same source and options give byte-identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import onnx
+import torch
+
+from models.config import DecoderConfig
+from models.decoder import PuzzleDecoder
+from models.loaders import load_model, resolve_source
+from passes import onnx_io
+from passes.errors import UserError, run_cli
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # the dynamo exporter cannot convert below 18
+IR_VERSION = 10  # onnx 1.23 writes 14, which onnxruntime refuses
+
+
+@functools.cache
+def ort_cpu_runs_bf16() -> bool:
+    """Whether this onnxruntime's CPU provider has bf16 kernels (tried on a one-node bf16 Mul graph)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "bf16_probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime reports a missing kernel as a generic Fail/NotImplemented
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporters' deprecation warnings and info logs; errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _torch_export(model: PuzzleDecoder, path: Path, opset: int, exporter: str) -> None:
+    """Run torch.onnx.export (TorchScript with constant folding, or dynamo with onnxscript's optimizer) to `path`."""
+    example = torch.zeros(2, 8, dtype=torch.int64)  # batch and seq > 1 so neither is specialized
+    with torch.no_grad(), _quiet_exporter():
+        if exporter == "torchscript":
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+                input_names=["input_ids"], output_names=["logits"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+            )
+        else:
+            dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=opset, input_names=["input_ids"],
+                output_names=["logits"], dynamic_shapes=(dims,), verbose=False,
+            )
+            program.save(str(path))
+
+
+def _scope_name(node: onnx.NodeProto) -> str:
+    """TorchScript-style name from the dynamo exporter's module scopes: ['', 'layers.3', 'layers.3.ffn',
+    'layers.3.ffn.gate_proj', 'linear_4'] -> /layers.3/ffn/gate_proj/MatMul."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))[1:-1]
+    parts, prev = [], ""
+    for scope in scopes:
+        parts.append(scope[len(prev) + 1 :] if prev and scope.startswith(prev + ".") else scope)
+        prev = scope
+    return "/" + "/".join([*parts, node.op_type])
+
+
+def _rename_dynamo(graph: onnx.GraphProto) -> None:
+    """Give dynamo nodes TorchScript-style names (/scope/Op, /scope/Op_1, ...) and outputs <node>_output_<i>;
+    drop the exporter's metadata (stack traces with file paths)."""
+    keep = {o.name for o in graph.output}
+    used: Counter[str] = Counter()
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        base = _scope_name(node)
+        node.name = base if used[base] == 0 else f"{base}_{used[base]}"
+        used[base] += 1
+        del node.metadata_props[:]
+        for i, out in enumerate(node.output):
+            if out and out not in keep:
+                renamed[out] = f"{node.name}_output_{i}"
+                node.output[i] = renamed[out]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+
+
+def _rename_matmul_weights(graph: onnx.GraphProto) -> None:
+    """Initializers with generated names (onnx::MatMul_12, val_47) used only as weight B of one MatMul
+    /a.b/c/MatMul are renamed a.b.c.weight_t (the transposed nn.Linear weight)."""
+    users = defaultdict(list)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            users[name].append((node, i))
+    taken = {init.name for init in graph.initializer}
+    for init in graph.initializer:
+        if not init.name.startswith(("onnx::", "val_")) or len(users[init.name]) != 1:
+            continue
+        node, i = users[init.name][0]
+        scope = ".".join(node.name.strip("/").split("/")[:-1])
+        new = f"{scope}.weight_t"
+        if node.op_type != "MatMul" or i != 1 or not scope or new in taken:
+            continue
+        node.input[i] = init.name = new
+        taken.add(new)
+
+
+def export_onnx(
+    model: PuzzleDecoder,
+    path: str | os.PathLike,
+    dtype: str = "fp32",
+    *,
+    opset: int | None = None,
+    exporter: str = "torchscript",
+    external_data: str = "auto",
+) -> Path:
+    """Export `model` (a copy is cast when its dtype differs from `dtype`) to `path`; returns the resolved path.
+
+    external_data: "always" -> weights in one file PATH.data; "auto" -> only above 1.8 GB of weights; "never".
+    Written with passes.onnx_io (weights streamed, external tensors page-aligned, deterministic serialization),
+    then verified with onnx.checker and an onnxruntime CPU session (skipped for bf16 when this onnxruntime has
+    no bf16 CPU kernels: see ort_cpu_runs_bf16) before it replaces `path`.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
+    if external_data not in ("auto", "always", "never"):
+        raise UserError(f"unknown --external-data {external_data!r} (auto, always, never)")
+    opset = opset or DEFAULT_OPSET[exporter]
+    if exporter == "dynamo" and opset < 18:
+        raise UserError(f"the dynamo exporter needs --opset >= 18 (got {opset})")
+    out = Path(path).resolve()
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give a file name like model.onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if next(model.parameters()).dtype != DTYPES[dtype]:
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        raw = tmp / "raw" / "raw.onnx"  # torch writes one file per tensor beside it above 2 GB
+        raw.parent.mkdir()
+        _torch_export(model, raw, opset, exporter)
+        proto = onnx_io.load_model(raw).proto  # weights stay on disk where torch wrote them externally
+        proto.ir_version = IR_VERSION
+        if exporter == "dynamo":
+            _rename_dynamo(proto.graph)
+        _rename_matmul_weights(proto.graph)
+        size = sum(onnx_io.tensor_nbytes(t) for t in proto.graph.initializer)
+        if external_data == "never" and size > onnx_io.PROTOBUF_LIMIT:
+            raise UserError(f"{size / 1e9:.2f} GB of weights do not fit one ONNX file; use --external-data auto")
+        external = {"always": True, "never": False, "auto": None}[external_data]  # None: above 1.8 GB
+        staged = onnx_io.save_model(onnx_io.ModelOutput(proto, raw.parent), tmp / out.name, external=external,
+                                    verify=False)
+        onnx.checker.check_model(str(staged))
+        if dtype != "bf16" or ort_cpu_runs_bf16():
+            onnx_io.ort_session(staged, light=True)
+        data_name = out.name + ".data"
+        if (tmp / data_name).is_file():
+            os.replace(tmp / data_name, out.parent / data_name)
+        elif (out.parent / data_name).is_file():
+            os.remove(out.parent / data_name)  # stale weights of an earlier export to the same name
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _ranges(indices: list[int]) -> str:
+    """[2, 3, 4, 6] -> '2-4, 6'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
+
+
+def describe(config: DecoderConfig) -> list[str]:
+    """Summary lines: layer count, attention-free layers, FFN no_op layers, FFN widths per layer."""
+    free = config.attention_free_layers
+    no_ffn = [i for i, w in enumerate(config.ffn_widths) if w is None]
+    runs: list[list] = []  # [width, count] for consecutive equal widths
+    for w in config.ffn_widths:
+        if runs and runs[-1][0] == w:
+            runs[-1][1] += 1
+        else:
+            runs.append([w, 1])
+    widths = " ".join(("-" if w is None else str(w)) + (f"*{n}" if n > 1 else "") for w, n in runs)
+    return [
+        f"layers: {len(config.layers)} (d={config.hidden_size}, {config.num_heads} heads, vocab {config.vocab_size})",
+        f"attention-free layers: {len(free)} ({_ranges(free)}); FFN no_op layers: {len(no_ffn)} ({_ranges(no_ffn)})",
+        f"FFN widths by layer (- = no_op, *n = n layers): {widths}",
+    ]
+
+
+def _input_files(kind: str, where: str | Path) -> set[Path]:
+    """Files a resolved source (models.loaders.resolve_source) reads, to refuse overwriting them."""
+    if kind == "gguf":
+        return {Path(where).resolve()}
+    if kind == "hf":
+        return {p.resolve() for p in Path(where).iterdir() if p.suffix in (".json", ".safetensors")}
+    return set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exporters.export", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="preset name, smollm2, HF checkpoint folder or .gguf file")
+    parser.add_argument("-o", "--output", required=True, help="output MODEL.onnx")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 for dynamo)")
+    parser.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
+    parser.add_argument("--exporter", choices=list(EXPORTERS), default="torchscript")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    out = Path(args.output).resolve()
+    inputs = _input_files(*resolve_source(args.source))
+    if out in inputs or out.with_name(out.name + ".data") in inputs:
+        raise UserError(f"output {args.output} would overwrite an input file")
+    model = load_model(args.source, DTYPES[args.dtype])
+    path = export_onnx(
+        model, out, args.dtype, opset=args.opset, exporter=args.exporter, external_data=args.external_data
+    )
+    data = path.with_name(path.name + ".data")
+    sizes = f"{path.name} {path.stat().st_size / 1e6:.1f} MB"
+    if data.is_file():
+        sizes += f" + {data.name} {data.stat().st_size / 1e6:.1f} MB"
+    verified = "onnx.checker ok, onnxruntime CPU loads it"
+    if args.dtype == "bf16" and not ort_cpu_runs_bf16():
+        verified = "onnx.checker ok; this onnxruntime has no bf16 CPU kernels, so ORT CPU cannot run this file"
+    opset = args.opset or DEFAULT_OPSET[args.exporter]
+    print(f"exported {args.source} -> {path} ({args.dtype}, opset {opset}, {args.exporter} exporter)")
+    for line in describe(model.config):
+        print(f"  {line}")
+    print(f"  parameters: {model.num_parameters() / 1e6:.2f} M; files: {sizes}")
+    print(f"  verified: {verified}")
+    print(f"  elapsed: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
