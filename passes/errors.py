@@ -26,4 +26,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:   # output piped into head & co.
+        sys.stderr.close()
+        sys.exit(0)
     sys.exit(code or 0)
