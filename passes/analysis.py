@@ -39,7 +39,7 @@ from passes.chains import Chain, find_chains
 from passes.errors import fail
 from passes.graph import GraphIndex
 from passes.match import FFNBlock, match_ffn_blocks
-from passes.onnx_io import LoadedModel, load_model
+from passes.onnx_io import LoadedModel, load_model, ort_session
 
 COST_DEFINITION = ("forward_pass_equivalents = sum over runs of the weight-MatMul FLOPs executed (MatMul/Gemm/MatMulNBits "
                    "with a constant operand, 2 x its size per token) / the same for one full forward pass of the original "
@@ -332,12 +332,8 @@ def _variant(proto: onnx.ModelProto, net: _Net, cut: _Cut, input_types: Mapping[
 # ---------------------------------------------------------------- running
 
 def _session(model: onnx.ModelProto, base_dir):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort_session(model, base_dir=base_dir)
     except Exception as exc:
         _explain_ort_failure(exc)
         raise

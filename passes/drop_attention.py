@@ -27,8 +27,8 @@ import onnx
 from onnx import helper
 
 from passes.errors import fail, run_cli
-from passes.graph import GraphIndex
-from passes.onnx_io import LoadedModel, ModelOutput, load_model, save_model
+from passes.graph import GraphIndex, drop_unused, live_nodes
+from passes.onnx_io import LoadedModel, ModelOutput, load_model, ort_session, save_model
 from passes.report import table
 
 ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
@@ -171,29 +171,14 @@ def drop_attention(model: LoadedModel, chosen: list[AttentionBlock]) -> tuple[Mo
     del graph.output[:]
     graph.output.extend(keep_outputs)
 
-    keep = set(range(len(graph.node)))
-    outputs = {o.name for o in graph.output}
-    changed = True
-    while changed:
-        changed = False
-        read = {i for k in keep for i in graph.node[k].input} | outputs
-        for k in sorted(candidates & keep):
-            if not any(o and o in read for o in graph.node[k].output):
-                keep.discard(k)
-                changed = True
-    nodes = [n for k, n in enumerate(graph.node) if k in keep]
+    old_nodes = list(graph.node)
+    keep = live_nodes(old_nodes, candidates, {o.name for o in graph.output})
+    inputs_before = [i.name for i in graph.input]
     del graph.node[:]
-    graph.node.extend(nodes)
-    read = {i for n in graph.node for i in n.input}
-    dropped_inputs = [i.name for i in graph.input if i.name not in read and i.name not in outputs]
-    for field in (graph.initializer, graph.input):
-        kept = [t for t in field if t.name in read or t.name in outputs]
-        del field[:]
-        field.extend(kept)
-    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    info = [v for v in graph.value_info if v.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(info)
+    graph.node.extend(n for k, n in enumerate(old_nodes) if k in keep)
+    drop_unused(graph, removed=[n for k, n in enumerate(old_nodes) if k not in keep])
+    remaining = {i.name for i in graph.input}
+    dropped_inputs = [name for name in inputs_before if name not in remaining]
     return ModelOutput(proto, model.base_dir), {"dropped_inputs": dropped_inputs, "dropped_outputs": dropped_outputs}
 
 
@@ -215,7 +200,7 @@ def rank_attention(model: LoadedModel, blocks: list[AttentionBlock], feeds: dict
             if name not in known:
                 probe.graph.output.append(helper.make_empty_tensor_value_info(name))
                 known.add(name)
-    session = _session(probe, model.base_dir)
+    session = ort_session(probe, base_dir=model.base_dir)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(None, feeds)))
     del session
@@ -224,7 +209,7 @@ def rank_attention(model: LoadedModel, blocks: list[AttentionBlock], feeds: dict
     for block in tqdm(blocks, desc="removing attention one layer at a time", disable=not progress, leave=False):
         x, a = values[block.residual_in], values[block.contribution]
         variant, _ = drop_attention(model, [block])
-        session = _session(variant.proto, model.base_dir)
+        session = ort_session(variant.proto, base_dir=model.base_dir)
         out = dict(zip([o.name for o in session.get_outputs()], session.run([logits_name], feeds)))
         del session
         kl, top1 = next_token_agreement(base, out[logits_name])
@@ -232,14 +217,6 @@ def rank_attention(model: LoadedModel, blocks: list[AttentionBlock], feeds: dict
                         "cosdist": float(np.nanmean(cosine_distance(x, x + a))),
                         "ratio": float(np.nanmean(norm_ratio(a, x))), "kl_removed_alone": kl, "top1_removed_alone": top1})
     return ranking
-
-
-def _session(proto: onnx.ModelProto, base_dir: Path):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def plot_ranking(ranking: list[dict], path: Path, title: str) -> Path:

@@ -5,6 +5,7 @@ Nodes are identified by their position in `graph.node` (names may be missing or 
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,3 +85,44 @@ def default_opset(model: onnx.ModelProto) -> int:
         if opset.domain in ("", "ai.onnx"):
             return opset.version
     return 1
+
+
+def live_nodes(nodes: list[onnx.NodeProto], candidates: set[int], always_read: set[str]) -> set[int]:
+    """Indices of nodes to keep: everything except candidates whose outputs nobody reads any more.
+
+    Reader counts and a work list, linear in the graph (re-scanning the graph once per removed layer of nodes
+    was quadratic: 36 s for a chain of 300 blocks)."""
+    readers = Counter(name for node in nodes for name in node.input if name)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    keep = set(range(len(nodes)))
+
+    def unread(i: int) -> bool:
+        return not any(out and (readers[out] or out in always_read) for out in nodes[i].output)
+
+    work = [i for i in sorted(candidates, reverse=True) if unread(i)]
+    while work:
+        i = work.pop()
+        if i not in keep:
+            continue
+        keep.discard(i)
+        for name in nodes[i].input:
+            if name:
+                readers[name] -= 1
+                j = producer.get(name)
+                if j in candidates and j in keep and unread(j):
+                    work.append(j)
+    return keep
+
+
+def drop_unused(graph: onnx.GraphProto, removed: list[onnx.NodeProto]) -> None:
+    """Remove initializers only the removed nodes read, and value_info of tensors nobody produces any more."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    orphaned = {name for node in removed for name in node.input} - read
+    for field in (graph.initializer, graph.input):
+        kept = [t for t in field if t.name not in orphaned]
+        del field[:]
+        field.extend(kept)
+    produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
+    info = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(info)

@@ -11,14 +11,15 @@ Recognized forms (torch.onnx TorchScript and dynamo exports, onnxruntime-optimiz
   SiLU      Mul(g, Sigmoid(g)) in either order, Swish(alpha=1), or com.microsoft QuickGelu(alpha=1) (what
             onnxruntime's QuickGeluFusion makes of Sigmoid+Mul);
   linear    MatMul with an initializer weight, possibly behind Transpose(perm=[1,0]) and/or Cast; optional
-            bias Add; or Gemm(alpha=beta=1) on 2-D input;
+            bias Add; or Gemm(alpha=beta=1) on 2-D input; gate and up may be the two halves of one packed
+            linear layer cut by Split(axis=-1) (what the rewrite writes with merge_gate_up);
   residual  Add(x, y) in either order, or the next SkipSimplifiedLayerNormalization(y, x) without bias.
 Matching only reads the graph. Every Sigmoid/Swish/QuickGelu that does not lead to a complete block becomes a
 `Rejection` naming the node and the check that failed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -34,17 +35,22 @@ NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization", SKIP_NORM)
 class WeightRef:
     """A constant used by the block: initializer `name`, optionally read through Transpose(perm=[1,0]) and Cast.
 
-    The effective value is cast(transpose?(stored)); for matrices it is in MatMul layout [in, out].
+    The effective value is cast(transpose?(stored)); for matrices it is in MatMul layout [in, out]. `columns`
+    [c0, c1) selects a slice of the last axis: the gate or up half of a packed gate|up weight or bias.
     """
     name: str
     dims: tuple[int, ...]
     transposed: bool = False
     cast_to: int | None = None
     stored_type: int = TensorProto.FLOAT
+    columns: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.dims)) if self.transposed else self.dims
+        shape = tuple(reversed(self.dims)) if self.transposed else tuple(self.dims)
+        if self.columns is not None:
+            shape = shape[:-1] + (self.columns[1] - self.columns[0],)
+        return shape
 
     @property
     def data_type(self) -> int:
@@ -219,6 +225,37 @@ def _linear_producing(index: GraphIndex, tensor: str, where: str) -> _Linear:
     if bias is not None and bias.shape != (weight.shape[1],):
         raise NoMatch(label, f"bias shape {bias.shape} does not match weight output size {weight.shape[1]}")
     return _Linear(node.input[0], tensor, weight, bias, [j] + weight_nodes + nodes)
+
+
+def _packed_gate_up(index: GraphIndex, gate_out: str, up_out: str) -> tuple[_Linear, _Linear] | None:
+    """gate and up as the two equal halves of one linear layer, cut by Split(axis=-1); None if not this form."""
+    found = index.producer_node(gate_out)
+    if found is None or found[1].op_type != "Split" or index.producer_node(up_out) != found:
+        return None
+    j, split = found
+    label = index.node_label(j)
+    if len(split.output) != 2 or attribute(split, "axis", 0) != -1:
+        raise NoMatch(label, "a packed gate|up Split must cut the last axis (axis=-1) into two outputs")
+    packed = _linear_producing(index, split.input[0], label)
+    total = packed.weight.shape[1]
+    nodes = packed.nodes + [j]
+    sizes = attribute(split, "split")
+    if sizes is None and len(split.input) > 1 and split.input[1]:
+        value = index.small_constant(split.input[1])
+        sizes = None if value is None else value.tolist()
+        if index.producer_node(split.input[1]):
+            nodes.append(index.producer[split.input[1]])
+    elif sizes is None:
+        sizes = [total // 2] * 2
+    if sizes is None or len(sizes) != 2 or sizes[0] != sizes[1] or sum(sizes) != total:
+        raise NoMatch(label, f"packed gate|up Split sizes {sizes} are not two equal halves of {total}")
+
+    def half(tensor: str) -> _Linear:
+        c0 = list(split.output).index(tensor) * sizes[0]
+        cols = (c0, c0 + sizes[0])
+        bias = None if packed.bias is None else replace(packed.bias, columns=cols)
+        return _Linear(packed.input, tensor, replace(packed.weight, columns=cols), bias, nodes)
+    return half(gate_out), half(up_out)
 
 
 def _resolves_to_initializer(index: GraphIndex, tensor: str) -> bool:
@@ -435,8 +472,12 @@ def _match_from_activation(index: GraphIndex, act_id: int, constants: set[int]) 
     up_out = _other_input(mul, silu_out, index.node_label(mul_id))
     hidden_act = mul.output[0]
 
-    gate = _linear_producing(index, gate_out, where)
-    up = _linear_producing(index, up_out, index.node_label(mul_id))
+    packed = _packed_gate_up(index, gate_out, up_out)
+    if packed is not None:
+        gate, up = packed
+    else:
+        gate = _linear_producing(index, gate_out, where)
+        up = _linear_producing(index, up_out, index.node_label(mul_id))
     if gate.input != up.input:
         raise NoMatch(where, "gate and up projections read different tensors")
     if set(index.consumer_ids(up_out)) != {mul_id} or index.is_graph_output(up_out):

@@ -78,6 +78,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         fail(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})")
     if not proto.graph.node:
         fail(f"{path}: not an ONNX model (no graph nodes; truncated or a different file type?)")
+    if not any(o.domain in ("", "ai.onnx") for o in proto.opset_import):
+        fail(f"{path}: incomplete ONNX model (no opset_import for the default domain; truncated?)")
     model = LoadedModel(proto, path)
     for tensor in proto.graph.initializer:
         if _is_external(tensor):
@@ -250,15 +252,24 @@ def _copy_range(src: Path, offset: int, count: int, dst) -> None:
 
 # ---------------------------------------------------------------- verification
 
-def ort_session(path: Path, light: bool = False, providers: list[str] | None = None):
-    """An onnxruntime session; light=True skips graph optimizations and weight prepacking (a load check)."""
+def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: list[str] | None = None,
+                base_dir: Path | None = None):
+    """An onnxruntime session over a file, or over an in-memory graph whose external data lies in base_dir.
+
+    light=True skips graph optimizations and weight prepacking (a load check)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if light:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        if base_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+        model = model.SerializeToString()
+    else:
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
 
 
 def verify_model(path: Path, reference: Path | None = None) -> None:

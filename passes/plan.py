@@ -50,7 +50,8 @@ def check_groups(groups: list[Group], chains: list[Chain], blocks: list[FFNBlock
     taken: dict[int, Group] = {}
     for group in groups:
         if group.last >= len(blocks):
-            fail(f"group {group} is out of range: the model has {len(blocks)} FFN blocks (ordinals 0-{len(blocks) - 1})")
+            known = f"{len(blocks)} FFN blocks (ordinals 0-{len(blocks) - 1})" if blocks else "no FFN blocks"
+            fail(f"group {group} is out of range: the model has {known}")
         for o in group.ordinals:
             if o in taken:
                 fail(f"groups {taken[o]} and {group} overlap at block {o}")

@@ -14,7 +14,6 @@ the blocks' own nodes are removed once nothing reads them; every other node is u
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.errors import fail
-from passes.graph import default_opset
+from passes.graph import default_opset, drop_unused, live_nodes
 from passes.match import FFNBlock, WeightRef
 from passes.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype, tensor_array
 from passes.plan import Group
@@ -39,12 +38,17 @@ class _Weights:
     def rows(self, ref: WeightRef, r0: int, r1: int) -> np.ndarray:
         stored = tensor_array(self.tensors[ref.name], self.base_dir)
         rows = stored[:, r0:r1].T if ref.transposed else stored[r0:r1]
+        if ref.columns is not None:
+            rows = rows[:, ref.columns[0]:ref.columns[1]]
         return np.array(rows, dtype=np_dtype(ref.data_type))
 
     def vector(self, ref: WeightRef | None, size: int, dtype: np.dtype) -> np.ndarray:
         if ref is None:
             return np.zeros(size, dtype)
-        return np.array(tensor_array(self.tensors[ref.name], self.base_dir), dtype=np_dtype(ref.data_type)).astype(dtype)
+        value = tensor_array(self.tensors[ref.name], self.base_dir)
+        if ref.columns is not None:
+            value = value[ref.columns[0]:ref.columns[1]]
+        return np.array(value, dtype=np_dtype(ref.data_type)).astype(dtype)
 
     def check(self, ref: WeightRef | None) -> None:
         """Refuse (UserError) an inline initializer whose data does not fill its dims: the model is corrupt.
@@ -234,7 +238,7 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
 
     old_nodes = list(graph.node)
     fused_reads = {name for new_nodes in insert_before.values() for node in new_nodes for name in node.input}
-    keep = _live_nodes(old_nodes, candidates, {o.name for o in graph.output} | fused_reads)
+    keep = live_nodes(old_nodes, candidates, {o.name for o in graph.output} | fused_reads)
     ordered = []
     for i, node in enumerate(old_nodes):
         ordered += insert_before.get(i, [])
@@ -242,46 +246,5 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
             ordered.append(node)
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused(graph, removed=[old_nodes[i] for i in range(len(old_nodes)) if i not in keep])
+    drop_unused(graph, removed=[old_nodes[i] for i in range(len(old_nodes)) if i not in keep])
     return output
-
-
-def _live_nodes(nodes: list[onnx.NodeProto], candidates: set[int], always_read: set[str]) -> set[int]:
-    """Indices of nodes to keep: everything except candidates whose outputs nobody reads any more.
-
-    Reader counts and a work list, linear in the graph (re-scanning the graph once per removed layer of nodes
-    was quadratic: 36 s for a chain of 300 blocks)."""
-    readers = Counter(name for node in nodes for name in node.input if name)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    keep = set(range(len(nodes)))
-
-    def unread(i: int) -> bool:
-        return not any(out and (readers[out] or out in always_read) for out in nodes[i].output)
-
-    work = [i for i in sorted(candidates, reverse=True) if unread(i)]
-    while work:
-        i = work.pop()
-        if i not in keep:
-            continue
-        keep.discard(i)
-        for name in nodes[i].input:
-            if name:
-                readers[name] -= 1
-                j = producer.get(name)
-                if j in candidates and j in keep and unread(j):
-                    work.append(j)
-    return keep
-
-
-def _drop_unused(graph: onnx.GraphProto, removed: list[onnx.NodeProto]) -> None:
-    """Remove initializers only the removed nodes read, and value_info of tensors nobody produces any more."""
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    orphaned = {name for node in removed for name in node.input} - read
-    for field in (graph.initializer, graph.input):
-        kept = [t for t in field if t.name not in orphaned]
-        del field[:]
-        field.extend(kept)
-    produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
-    info = [v for v in graph.value_info if v.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(info)

@@ -6,8 +6,10 @@ same stack with chosen FFN groups in the parallel form x + sum_t FFN_t(n(x) * g_
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,18 +145,20 @@ _EXPORTS: dict[tuple, tuple[ResidualStack, Path]] = {}
 _EXPORT_DIR: Path | None = None
 
 
-def cached_export(layout: str, *, dynamo: bool = False, dtype=torch.float32, **stack_args) -> tuple[ResidualStack, Path]:
+def cached_export(layout: str, *, dynamo: bool = False, dtype=torch.float32, opset: int = 17,
+                  **stack_args) -> tuple[ResidualStack, Path]:
     """ResidualStack(layout, **stack_args) exported once per test process (dynamo exports take seconds).
 
     Returns a private copy of the stack (in `dtype`) and the path of the shared export: treat it as read-only."""
     global _EXPORT_DIR
-    key = (layout, dynamo, str(dtype), tuple(sorted((k, repr(v)) for k, v in stack_args.items())))
+    key = (layout, dynamo, str(dtype), opset, tuple(sorted((k, repr(v)) for k, v in stack_args.items())))
     if key not in _EXPORTS:
         if _EXPORT_DIR is None:
             _EXPORT_DIR = Path(tempfile.mkdtemp(prefix="residual_exports_"))
+            atexit.register(shutil.rmtree, _EXPORT_DIR, ignore_errors=True)
         stack = ResidualStack(layout, **stack_args)
         path = export(stack, _EXPORT_DIR / f"model_{len(_EXPORTS)}.onnx", dtype=dtype, dynamo=dynamo,
-                      d=stack_args.get("d", 32))
+                      opset=opset, d=stack_args.get("d", 32))
         _EXPORTS[key] = (stack, path)
     stack, path = _EXPORTS[key]
     return copy.deepcopy(stack), path

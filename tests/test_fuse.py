@@ -111,11 +111,10 @@ def check_structure(before: onnx.ModelProto, after: onnx.ModelProto, report: dic
     assert report["before"]["nodes"] == len(before.graph.node) and report["after"]["nodes"] == len(after.graph.node)
     assert report["before"]["ffn_blocks"] == n_ffn
     rematched = match_ffn_blocks(after).blocks
-    assert report["after"]["ffn_blocks"] == len(rematched)
-    if not merge:   # every fused group is again one FFN block of the summed width
-        assert len(rematched) == n_ffn - fused_blocks + len(groups)
-        fused_widths = {sum(widths[a:z + 1]) for a, z in groups}
-        assert fused_widths <= {b.width for b in rematched}
+    assert report["after"]["ffn_blocks"] == report["after"]["sequential_ffn_depth"] == len(rematched)
+    # every fused group is again one FFN block (merged too: one packed gate|up MatMul and a Split), of the summed width
+    assert len(rematched) == n_ffn - fused_blocks + len(groups)
+    assert {sum(widths[a:z + 1]) for a, z in groups} <= {b.width for b in rematched}
 
     # the report's schema
     assert {"ffn_blocks", "chains", "groups", "before", "after", "fused", "rejections"} <= report.keys()
@@ -280,13 +279,26 @@ def test_fp16(dynamo, tmp_path):
 ])
 def test_more_layouts(layout, widths, groups, options, tmp_path):
     stack, path = cached_export(layout, widths=widths, seed=6)
+    _check_layout(stack, path, layout, widths, groups, options, tmp_path)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_old_opsets(opset, tmp_path):
+    """Opset 11-12: ReduceMean axes and Split sizes are attributes; 13: Split sizes an input, axes not yet."""
+    stack, path = cached_export("FFFFF", seed=6, opset=opset)
+    assert onnx.load(path).opset_import[0].version == opset
+    _check_layout(stack, path, "FFFFF", None, [(0, 3)], ["--merge-gate-up"], tmp_path)
+    _check_layout(stack, path, "FFFFF", None, [(0, 1), (2, 4)], ["--groups", "0-1,2-4"], tmp_path)
+
+
+def _check_layout(stack, path, layout, widths, groups, options, tmp_path):
     x = inputs()
     out = tmp_path / "fused.onnx"
     report = fuse_cli_in_process(path, out, options, tmp_path)
     assert [tuple(g) for g in report["groups"]] == groups
     assert rel_err(ort_run(out, {"x": x.numpy()})[0], parallel_reference(stack, x, groups)) < 1e-5
     widths = widths or [48 + 16 * (k % 4) for k in range(layout.count("F"))]
-    check_structure(onnx.load(path), onnx.load(out), report, groups, merge=False, widths=widths)
+    check_structure(onnx.load(path), onnx.load(out), report, groups, merge="--merge-gate-up" in options, widths=widths)
 
 
 def test_bf16_weights(tmp_path):
@@ -307,13 +319,15 @@ def test_bf16_weights(tmp_path):
         assert rel_err(initializer(fused, down.input[1]), want["down"]) == 0     # copied, not recomputed
 
 
-def test_fusing_a_fused_model_again(tmp_path):
-    """A fused block is an FFN block like any other; new names never collide with the first fusion's."""
+@pytest.mark.parametrize("merge_first, merge_second", [(False, False), (True, False), (False, True), (True, True)])
+def test_fusing_a_fused_model_again(merge_first, merge_second, tmp_path):
+    """A fused block (merged gate|up too) is an FFN block like any other; new names never collide with old ones."""
     stack, path = cached_export(LAYOUT, widths=WIDTHS, seed=3)
     once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
-    fuse_file(path, once, groups=[Group(0, 1), Group(3, 4)])
+    fuse_file(path, once, groups=[Group(0, 1), Group(3, 4)], merge_gate_up=merge_first)
     # blocks of `once`: 0 = {0,1}, 1 = 2, 2 = {3,4}, 3 = 5, ...; fuse {0,1}+2 and {3,4}+5 (same ordinals 0-1, 2-3)
-    result = fuse_file(once, twice, groups=[Group(0, 1), Group(2, 3)])
+    result = fuse_file(once, twice, groups=[Group(0, 1), Group(2, 3)], merge_gate_up=merge_second)
+    assert [b["width"] for b in result.report["ffn_blocks"]] == [112, 56, 112] + WIDTHS[5:]
     assert [f["prefix"] for f in result.report["fused"]] == ["/fused_ffn_0_1_v2", "/fused_ffn_2_3"]
     x = inputs()
     assert rel_err(ort_run(twice, {"x": x.numpy()})[0], parallel_reference(stack, x, [(0, 2), (3, 5)])) < 1e-5
@@ -390,6 +404,17 @@ def test_cli_subprocess(tmp_path):
     assert json.loads(report.read_text())["groups"] == [[0, 1], [3, 7]]
     x = inputs()
     assert rel_err(ort_run(out, {"x": x.numpy()})[0], parallel_reference(stack, x, [(0, 1), (3, 7)])) < 1e-5
+
+
+def test_default_output_path(tmp_path):
+    """Without -o the output is MODEL.fused.onnx beside the input."""
+    stack, path = cached_export(LAYOUT, widths=WIDTHS, seed=3)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(path.read_bytes())
+    assert fuse_main([str(model), "--max-group", "2"]) == 0
+    x = inputs()
+    ref = parallel_reference(stack, x, [(0, 1), (3, 4), (5, 6)])
+    assert rel_err(ort_run(tmp_path / "model.fused.onnx", {"x": x.numpy()})[0], ref) < 1e-5
 
 
 def test_passes_never_import_torch(tmp_path):

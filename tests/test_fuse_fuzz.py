@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from passes.errors import UserError
@@ -27,13 +28,17 @@ from passes.match import match_ffn_blocks
 from residual_models import cached_export, ort_run, rel_err, run_fuse_cli
 
 BASES = {
-    # name: (layout, stack arguments, exporter)
-    "torchscript": ("FFFAFF", dict(d=16, widths=[16, 24, 8, 32, 16], seed=21), False),
-    "torchscript-bias": ("FFFF", dict(d=16, widths=[8, 24, 16, 8], seed=22, bias=True), False),
-    # the dynamo model of test_fuse.py (shared cached export)
-    "dynamo": ("FFFAFFFFFF", dict(widths=[40, 72, 56, 24, 88, 64, 32, 48, 96], seed=3), True),
+    # name: (layout, stack arguments, exporter, dtype, mutants, relative tolerance)
+    "torchscript": ("FFFAFF", dict(d=16, widths=[16, 24, 8, 32, 16], seed=21), False, torch.float32, 90, 1e-4),
+    "torchscript-bias": ("FFFF", dict(d=16, widths=[8, 24, 16, 8], seed=22, bias=True), False, torch.float32, 90, 1e-4),
+    # the models of test_fuse.py (shared cached exports)
+    "dynamo": ("FFFAFFFFFF", dict(widths=[40, 72, 56, 24, 88, 64, 32, 48, 96], seed=3), True, torch.float32, 90, 1e-4),
+    "torchscript-fp16": ("FFFAFFFFFF", dict(widths=[40, 72, 56, 24, 88, 64, 32, 48, 96], seed=5), False,
+                         torch.float16, 60, 1e-2),
+    # the first model after a fusion with --merge-gate-up: packed gate|up MatMul + Split blocks to mutate
+    "torchscript-merged": ("FFFFFFAFF", dict(d=16, widths=[16, 24, 8, 32, 16, 8, 8, 16], seed=23), False,
+                           torch.float32, 60, 1e-4),
 }
-MUTANTS_PER_BASE = 90
 PLANS = [[], ["--merge-gate-up"], ["--max-group", "2"], ["--groups", "0-1"], ["--groups", "1-2", "--merge-gate-up"],
          ["--groups", "0-2,3-4"]]
 ELEM_TYPES = [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT32, TensorProto.INT64,
@@ -211,15 +216,19 @@ def _runs(model_bytes, feeds):
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_fuzz(base, tmp_path):
-    layout, stack_args, dynamo = BASES[base]
-    _, path = cached_export(layout, dynamo=dynamo, **stack_args)
+    layout, stack_args, dynamo, dtype, mutants, tol = BASES[base]
+    _, path = cached_export(layout, dynamo=dynamo, dtype=dtype, **stack_args)
+    if base.endswith("-merged"):
+        assert fuse_main([str(path), "-o", str(tmp_path / "merged.onnx"), "--groups", "0-1,2-3", "--merge-gate-up"]) == 0
+        path = tmp_path / "merged.onnx"
     model = onnx.load(path)
     d = stack_args.get("d", 32)
-    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, d)).astype(np.float32)}
+    x_type = np.float16 if dtype == torch.float16 else np.float32
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, d)).astype(x_type)}
     rng = random.Random(f"fuzz-{base}")
     outcome, failures, samples = Counter(), [], {"refused": [], "fused": []}
     mutant_path, out, report = tmp_path / "mutant.onnx", tmp_path / "fused.onnx", tmp_path / "report.json"
-    for i in range(MUTANTS_PER_BASE):
+    for i in range(mutants):
         mutant, what = mutate(model, rng)
         plan = rng.choice(PLANS)
         data = mutant.SerializeToString()
@@ -260,11 +269,11 @@ def test_fuzz(base, tmp_path):
             continue
         outcome["value checked" if groups else "value checked (no groups)"] += 1
         for g, e in zip(got, expected):
-            if g.shape != e.shape or rel_err(g, e) > 1e-4:
+            if g.shape != e.shape or rel_err(g, e) > tol:
                 failures.append(f"{label}: fused output differs from the parallel form of the mutant "
                                 f"(groups {groups}, rel err {rel_err(g, e) if g.shape == e.shape else 'shape'})")
     print(base, dict(outcome))
-    assert not failures, f"{len(failures)} of {MUTANTS_PER_BASE} mutants failed:\n" + "\n\n".join(failures)
+    assert not failures, f"{len(failures)} of {mutants} mutants failed:\n" + "\n\n".join(failures)
     # the fuzz is not vacuous: both outcomes happen, and fused mutants get value-checked
     assert outcome["refused"] >= 5 and outcome["value checked"] >= 10, dict(outcome)
 

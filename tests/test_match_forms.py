@@ -86,6 +86,7 @@ class Form:
     reduce_axes_input: bool = False                                   # ReduceMean axes as input (opset >= 18)
     linear: list[str] = field(default_factory=lambda: ["matmul"])    # matmul | gemm_transb | gemm | transpose | cast | transpose_cast
     silu: list[str] = field(default_factory=lambda: ["mul_g_sig"])   # mul_g_sig | mul_sig_g | quickgelu
+    packed: list[str] = field(default_factory=lambda: [""])           # "" | gate_up | up_gate: one MatMul + Split
     up_first: list[bool] = field(default_factory=lambda: [False])     # Mul(up, silu) instead of Mul(silu, up)
     residual_y_first: list[bool] = field(default_factory=lambda: [False])
     bias_first: list[bool] = field(default_factory=lambda: [False])   # Add(b, mm) instead of Add(mm, b)
@@ -183,14 +184,27 @@ class Builder:
         return h, x
 
     def ffn(self, h, p: BlockWeights, t):
-        g = self.linear(h, p.wg, p.bg, t)
+        packed = self.form.pick("packed", t)
+        if packed:
+            order = [(p.wg, p.bg), (p.wu, p.bu)][::1 if packed == "gate_up" else -1]
+            w = np.concatenate([order[0][0], order[1][0]], axis=1)
+            b = None if p.bg is None else np.concatenate([order[0][1], order[1][1]])
+            both = self.linear(h, w, b, t)
+            m = p.wg.shape[1]
+            if self.form.opset >= 13:
+                halves = self.node("Split", [both, self.init(np.array([m, m], np.int64), "split")], n_out=2, axis=-1)
+            else:
+                halves = self.node("Split", [both], n_out=2, axis=-1, split=[m, m])
+            g, u = halves if packed == "gate_up" else halves[::-1]
+        else:
+            g = self.linear(h, p.wg, p.bg, t)
         silu = self.form.pick("silu", t)
         if silu == "quickgelu":
             s = self.node("QuickGelu", [g], domain="com.microsoft", alpha=1.0)
         else:
             sig = self.node("Sigmoid", [g])
             s = self.node("Mul", [g, sig] if silu == "mul_g_sig" else [sig, g])
-        u = self.linear(h, p.wu, p.bu, t)
+        u = u if packed else self.linear(h, p.wu, p.bu, t)
         a = self.node("Mul", [u, s] if self.form.pick("up_first", t) else [s, u])
         return self.linear(a, p.wd, p.bd, t)
 
@@ -236,11 +250,14 @@ FORMS = {
     "rms-normalization-opset23": Form(norm=["rms23", "mul_recip"], opset=23, reduce_axes_input=True),
     "fp16-cast-around-norm": Form(fp16=True, norm=["pow_div", "mul_recip"], gain_left=[True, False]),
     "fp16-skip-simplified": Form(fp16=True, norm=["skip"]),
+    "packed-gate-up": Form(packed=["gate_up", "", "up_gate"]),
+    "packed-gate-up-opset11": Form(packed=["gate_up", "up_gate"], opset=11),
 }
 BIAS_FORMS = {
     "bias-add": Form(bias_first=[False, True]),
     "bias-gemm-2d": Form(linear=["gemm_transb", "gemm"], rank=2),
     "bias-transposed-cast-swapped": Form(linear=["transpose_cast", "matmul"], silu=["mul_sig_g"], bias_first=[True]),
+    "bias-packed-gate-up": Form(packed=["up_gate", "gate_up"], linear=["transpose"]),
 }
 WIDTHS = [24, 40, 8, 56]
 # ops each form must really contain (so a builder slip cannot turn a form into the default one)
@@ -252,6 +269,7 @@ FORM_OPS = {
     "skip-simplified-layer-norm": {"SkipSimplifiedLayerNormalization"}, "rms-normalization-opset23": {"RMSNormalization"},
     "fp16-cast-around-norm": {"Cast"}, "fp16-skip-simplified": {"SkipSimplifiedLayerNormalization"},
     "bias-gemm-2d": {"Gemm"}, "bias-transposed-cast-swapped": {"Transpose", "Cast"},
+    "packed-gate-up": {"Split"}, "packed-gate-up-opset11": {"Split"}, "bias-packed-gate-up": {"Split", "Transpose"},
 }
 
 
@@ -262,9 +280,15 @@ def x_for(form: Form, seed=0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name, form, bias", [pytest.param(k, v, False, id=k) for k, v in FORMS.items()]
-                         + [pytest.param(k, v, True, id=k) for k, v in BIAS_FORMS.items()])
+                         + [pytest.param(k, v, True, id=k) for k, v in BIAS_FORMS.items()]
+                         + [pytest.param("bias-some-blocks", Form(linear=["gemm", "matmul"], rank=2), "some",
+                                         id="bias-some-blocks")])
 def test_hand_built_forms(name, form, bias, tmp_path):
-    weights = make_weights(WIDTHS, seed=len(name), bias=bias)
+    weights = make_weights(WIDTHS, seed=len(name), bias=bool(bias))
+    if bias == "some":   # blocks 1 and 3 have no biases at all, block 2 only a down bias
+        for t in (1, 3):
+            weights[t].bg = weights[t].bu = weights[t].bd = None
+        weights[2].bg = weights[2].bu = None
     model = Builder(form).model(weights)
     assert FORM_OPS.get(name, set()) <= {n.op_type for n in model.graph.node}
     path = tmp_path / "model.onnx"
@@ -283,8 +307,11 @@ def test_hand_built_forms(name, form, bias, tmp_path):
     for groups, merge in [([(0, 2)], False), ([(0, 3)], True), ([(0, 1), (2, 3)], False)]:
         out = tmp_path / "fused.onnx"
         result = fuse_file(path, out, groups=[Group(a, z) for a, z in groups], merge_gate_up=merge)
-        assert result.report["after"]["matmuls"] == 3 * len(WIDTHS) - sum(3 * (z - a + 1) for a, z in groups) \
+        per_block = [2 if form.pick("packed", t) else 3 for t in range(len(WIDTHS))]
+        assert result.report["before"]["matmuls"] == sum(per_block)
+        assert result.report["after"]["matmuls"] == sum(per_block) - sum(sum(per_block[a:z + 1]) for a, z in groups) \
             + (2 if merge else 3) * len(groups)
+        assert result.report["after"]["ffn_blocks"] == len(WIDTHS) - sum(z - a for a, z in groups)
         y = ort_run(out, {"x": x})[0]
         assert y.dtype == x.dtype
         assert rel_err(y, reference(x, weights, groups)) < tol, (groups, merge)
