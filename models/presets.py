@@ -9,6 +9,8 @@ puzzle-small (d=256, 8 heads, 2 KV heads by default, vocab 1024), 16 layers:
     10 A 768 | 11 - 1024 | 12 - 512 | 13 - 768 | 14 A 768 | 15 A 1024
   attention-free runs: layers 2-7 and 11-13; FFN chains (by ordinal): [0], [1..7], [8], [9..12], [13], [14].
 llama-tiny (d=64, 4 heads, 2 KV heads, vocab 256): 6 full layers, FFN width 192.
+smollm2-shape: SmolLM2-135M's shapes (30 full layers, d=576, 9 heads, 3 KV heads, FFN 1536, vocab 49152, tied
+  embeddings), random weights: for latency measurements where the real GGUF is not at hand.
 
 Weights: embeddings ~ N(0, 1); each Linear ~ N(0, 1 / fan_in) (o_proj and down_proj halved) so activations stay
 O(1) through the residual stream; norm gains 1 + N(0, 0.1^2) so folding gains into weights is visible.
@@ -47,6 +49,11 @@ _CONFIGS: dict[str, DecoderConfig] = {
     "puzzle-small": DecoderConfig(
         vocab_size=1024, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32,
         layers=_layers("A768 A:4/512 -1024 -768 -512 -1280 -256 -768 A512 A:4/0 A768 -1024 -512 -768 A768 A1024"),
+    ),
+    # SmolLM2-135M's shapes with random weights: for latency on machines without the GGUF file.
+    "smollm2-shape": DecoderConfig(
+        vocab_size=49152, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        tie_word_embeddings=True, layers=_layers("A1536 " * 30),
     ),
     "llama-tiny": DecoderConfig(
         vocab_size=256, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,

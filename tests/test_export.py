@@ -49,7 +49,7 @@ def assert_matches(path: Path, model: torch.nn.Module, tol: float, shapes=SHAPES
         assert rel_err(logits, expected) < tol, shape
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "smollm2-shape"])  # SmolLM2's size: test_smollm2_gguf_fp32
 def test_preset_fp32(tmp_path, preset):
     model, _ = build_preset(preset)
     path = export_onnx(model, tmp_path / "m.onnx", "fp32")
