@@ -1,10 +1,17 @@
-"""Export a PuzzleDecoder to an ONNX prefill graph: input_ids [batch, seq] (int64) -> logits [batch, seq, vocab].
+"""Export a PuzzleDecoder to an ONNX prefill graph (input_ids -> logits) or decode-step graph (with a KV cache).
 
-    python -m exporters.export SOURCE -o MODEL.onnx [--dtype fp32|fp16|bf16] [--opset N]
+    python -m exporters.export SOURCE -o MODEL.onnx [--dtype fp32|fp16|bf16] [--opset N] [--graph prefill|decode]
                                [--external-data auto|always|never] [--exporter torchscript|dynamo]
 
-SOURCE is a preset (models.PRESETS), `smollm2`, an HF checkpoint folder or a .gguf file. Batch and sequence are
-dynamic. The graph keeps every FFN in its natural form: RMSNorm as Pow, ReduceMean, Add eps, Sqrt, Div(1, .)
+SOURCE is a preset (models.PRESETS), `smollm2`, an HF checkpoint folder or a .gguf file.
+--graph prefill (default): input_ids [batch, seq] (int64) -> logits [batch, seq, vocab]; batch and seq dynamic.
+--graph decode: inputs input_ids [batch, seq] and, for every layer i with attention, past_key_i and past_value_i
+[batch, kv_heads_i, past, head_dim] (model dtype, keys after RoPE); outputs logits [batch, seq, vocab] and
+present_key_i, present_value_i [batch, kv_heads_i, past + seq, head_dim] (the cache with the new tokens appended).
+The new tokens sit at positions past + arange(seq) and query t attends to keys 0..past+t (models.decoder.DecodeStep);
+batch, seq and past are dynamic (past may be 0: then it is the prefill). Its FFN and RMSNorm nodes are the prefill
+graph's, with the same names, so passes/ finds the same FFN blocks and chains in both.
+The graph keeps every FFN in its natural form: RMSNorm as Pow, ReduceMean, Add eps, Sqrt, Div(1, .)
 (TorchScript) or Reciprocal (dynamo), Mul, with Casts to float32 and back in fp16/bf16; gain Mul; MatMul gate and
 up; Sigmoid; Mul; Mul; MatMul down; residual Add. Both exporters name nodes /layers.3/ffn/gate_proj/MatMul and
 tensors <node>_output_<i>; MatMul weights are layers.3.ffn.gate_proj.weight_t ([in, out] layout). Output is written
@@ -31,13 +38,14 @@ import onnx
 import torch
 
 from models.config import DecoderConfig
-from models.decoder import PuzzleDecoder
+from models.decoder import DecodeStep, PuzzleDecoder
 from models.loaders import load_model, resolve_source
 from passes import onnx_io
 from passes.errors import UserError, run_cli
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORTERS = ("torchscript", "dynamo")
+GRAPHS = ("prefill", "decode")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # the dynamo exporter cannot convert below 18
 IR_VERSION = 10  # onnx 1.23 writes 14, which onnxruntime refuses
 
@@ -75,8 +83,49 @@ def _quiet_exporter():
                 lg.setLevel(level)
 
 
-def _torch_export(model: PuzzleDecoder, path: Path, opset: int, exporter: str) -> None:
+def decode_io(model: PuzzleDecoder) -> tuple[list[str], list[str]]:
+    """Input and output names of the decode graph: input_ids, past_key_i, past_value_i for each attention layer i;
+    logits, present_key_i, present_value_i."""
+    layers = model.attention_layers
+    inputs = ["input_ids", *(f"past_{kind}_{i}" for i in layers for kind in ("key", "value"))]
+    outputs = ["logits", *(f"present_{kind}_{i}" for i in layers for kind in ("key", "value"))]
+    return inputs, outputs
+
+
+def _torch_export_decode(model: PuzzleDecoder, path: Path, opset: int, exporter: str) -> None:
+    """Export DecodeStep(model): example batch 2, seq 3, past 5 (all > 1 and distinct, so none is specialized)."""
+    config, step = model.config, DecodeStep(model)
+    dtype = next(model.parameters()).dtype
+    past = [torch.zeros(2, config.kv_heads(i), 5, config.head_dim, dtype=dtype)
+            for i in model.attention_layers for _ in range(2)]
+    example = (torch.zeros(2, 3, dtype=torch.int64), *past)
+    input_names, output_names = decode_io(model)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    for name in input_names[1:]:
+        axes[name] = {0: "batch", 2: "past"}
+    for name in output_names[1:]:
+        axes[name] = {0: "batch", 2: "past_plus_seq"}
+    with torch.no_grad(), _quiet_exporter():
+        if exporter == "torchscript":
+            torch.onnx.export(
+                step, example, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+                input_names=input_names, output_names=output_names, dynamic_axes=axes,
+            )
+        else:
+            batch, seq, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "past"))
+            dims = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))  # forward(ids, *past)
+            program = torch.onnx.export(
+                step, example, dynamo=True, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_shapes=dims, verbose=False,
+            )
+            program.save(str(path))
+
+
+def _torch_export(model: PuzzleDecoder, path: Path, opset: int, exporter: str, graph: str = "prefill") -> None:
     """Run torch.onnx.export (TorchScript with constant folding, or dynamo with onnxscript's optimizer) to `path`."""
+    if graph == "decode":
+        _torch_export_decode(model, path, opset, exporter)
+        return
     example = torch.zeros(2, 8, dtype=torch.int64)  # batch and seq > 1 so neither is specialized
     with torch.no_grad(), _quiet_exporter():
         if exporter == "torchscript":
@@ -156,8 +205,11 @@ def export_onnx(
     opset: int | None = None,
     exporter: str = "torchscript",
     external_data: str = "auto",
+    graph: str = "prefill",
 ) -> Path:
     """Export `model` (a copy is cast when its dtype differs from `dtype`) to `path`; returns the resolved path.
+
+    graph: "prefill" (input_ids -> logits) or "decode" (one step with a KV cache; see the module docstring).
 
     external_data: "always" -> weights in one file PATH.data; "auto" -> only above 1.8 GB of weights; "never".
     Written with passes.onnx_io (weights streamed, external tensors page-aligned, deterministic serialization),
@@ -170,6 +222,8 @@ def export_onnx(
         raise UserError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
     if external_data not in ("auto", "always", "never"):
         raise UserError(f"unknown --external-data {external_data!r} (auto, always, never)")
+    if graph not in GRAPHS:
+        raise UserError(f"unknown graph {graph!r} (choose from {', '.join(GRAPHS)})")
     opset = opset or DEFAULT_OPSET[exporter]
     if exporter == "dynamo" and opset < 18:
         raise UserError(f"the dynamo exporter needs --opset >= 18 (got {opset})")
@@ -184,7 +238,7 @@ def export_onnx(
     try:
         raw = tmp / "raw" / "raw.onnx"  # torch writes one file per tensor beside it above 2 GB
         raw.parent.mkdir()
-        _torch_export(model, raw, opset, exporter)
+        _torch_export(model, raw, opset, exporter, graph)
         proto = onnx_io.load_model(raw).proto  # weights stay on disk where torch wrote them externally
         proto.ir_version = IR_VERSION
         if exporter == "dynamo":
@@ -256,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 for dynamo)")
     parser.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
     parser.add_argument("--exporter", choices=list(EXPORTERS), default="torchscript")
+    parser.add_argument("--graph", choices=list(GRAPHS), default="prefill",
+                        help="prefill: input_ids -> logits (default); decode: one step with past/present KV cache")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -265,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"output {args.output} would overwrite an input file")
     model = load_model(args.source, DTYPES[args.dtype])
     path = export_onnx(
-        model, out, args.dtype, opset=args.opset, exporter=args.exporter, external_data=args.external_data
+        model, out, args.dtype, opset=args.opset, exporter=args.exporter, external_data=args.external_data,
+        graph=args.graph,
     )
     data = path.with_name(path.name + ".data")
     sizes = f"{path.name} {path.stat().st_size / 1e6:.1f} MB"
@@ -275,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "bf16" and not ort_cpu_runs_bf16():
         verified = "onnx.checker ok; this onnxruntime has no bf16 CPU kernels, so ORT CPU cannot run this file"
     opset = args.opset or DEFAULT_OPSET[args.exporter]
-    print(f"exported {args.source} -> {path} ({args.dtype}, opset {opset}, {args.exporter} exporter)")
+    kind = ", decode graph" if args.graph == "decode" else ""
+    print(f"exported {args.source} -> {path} ({args.dtype}, opset {opset}, {args.exporter} exporter{kind})")
     for line in describe(model.config):
         print(f"  {line}")
     print(f"  parameters: {model.num_parameters() / 1e6:.2f} M; files: {sizes}")
