@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of the README, in one go on an NVIDIA machine with onnxruntime-gpu and torch:
 #   bash bench/gpu_suite.sh chains OUT_DIR      FFN chains (ONNX Runtime CUDA + torch reference), ~3 min on an H200
-#   bash bench/gpu_suite.sh decode OUT_DIR      8B-shaped Puzzle model, one decode step with KV cache, ~8 min
+#   bash bench/gpu_suite.sh decode OUT_DIR      8B-shaped Puzzle model, one decode step with KV cache, ~6 min
+#   bash bench/gpu_suite.sh smollm2 OUT_DIR     SmolLM2-135M shapes: decode step, attention dropped, FFN runs fused
+#   bash bench/gpu_suite.sh tp OUT_DIR          tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
 # Models are written to ${WORK:-/tmp/ffn_suite}; results to bench/results/ and OUT_DIR.
 set -euo pipefail
 what=$1; out=${2:-bench/results}
@@ -35,5 +37,23 @@ case $what in
     "$py" -m bench.latency "$work/llama8b_decode.onnx" "$work/llama8b_decode.fused.onnx" --batch 1,8,32 --past 128 \
         --runs 50 --label llama8b-puzzle-decode --name latency_llama8b_decode --out "$out"
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|decode [OUT_DIR]" >&2; exit 2 ;;
+  smollm2)
+    # SmolLM2-135M's shapes (random weights: latency does not depend on values), decode graph with KV cache, fp16
+    "$py" -m exporters.export smollm2-shape --graph decode --dtype fp16 -o "$work/smollm2.onnx" | tail -n 3
+    for n in 8 12; do
+      first=$((30 - n))
+      "$py" -m passes.drop_attention "$work/smollm2.onnx" -o "$work/smollm2_drop$n.onnx" --layers $first-29 | tail -n 2
+      "$py" -m passes.fuse "$work/smollm2_drop$n.onnx" -o "$work/smollm2_drop${n}_fused.onnx" \
+          --report "$out/smollm2_drop${n}_fuse_report.json" | sed -n 3,4p
+      "$py" -m bench.latency "$work/smollm2_drop$n.onnx" "$work/smollm2_drop${n}_fused.onnx" --batch 1,8,32 --past 128 \
+          --runs 50 --label "smollm2-drop$n: fusion" --name "latency_smollm2_drop${n}_fusion" --out "$out"
+    done
+    "$py" -m bench.latency "$work/smollm2.onnx" "$work/smollm2_drop12_fused.onnx" --batch 1,8,32 --past 128 \
+        --runs 50 --label "smollm2: original vs drop12+fused" --name latency_smollm2_orig_vs_drop12_fused --out "$out"
+    ;;
+  tp)
+    "$py" -m bench.tp --quick --out "$out"
+    "$py" -m bench.tp --quick --emulate-tp 8 --out "$out"
+    ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|decode|smollm2|tp [OUT_DIR]" >&2; exit 2 ;;
 esac
