@@ -1,0 +1,58 @@
+"""Where does an onnxruntime run spend its time? Per-operator totals from onnxruntime's profiler.
+
+    python -m bench.profile_ort MODEL.onnx [--provider cuda|cpu] [--batch 8] [--tokens 1] [--past 128] [--runs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+from passes.errors import run_cli
+from passes.report import table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_ort", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--past", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    if args.provider == "cuda":
+        import torch  # noqa: F401  (CUDA libraries for onnxruntime-gpu)
+    import onnxruntime as ort
+
+    from bench.latency import graph_kind, make_feeds
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(args.model, options, providers=providers)
+    decode = graph_kind(session) == "decode"
+    feeds = make_feeds(session, args.batch, args.tokens, args.past if decode else 0)
+    for _ in range(args.runs + 2):
+        session.run(None, feeds)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    by_op, by_node = collections.Counter(), collections.Counter()
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"].get("op_name", "?")] += event["dur"]
+            by_node[event["name"].removesuffix("_kernel_time")] += event["dur"]
+    runs = args.runs + 2
+    total = sum(by_op.values())
+    print(f"{Path(args.model).name}: {args.provider}, batch {args.batch}, tokens {args.tokens}; "
+          f"kernel time per run {total / runs:.0f} us (host-side launch time of each node, CUDA kernels are async)")
+    print(table([(op, round(us / runs, 1), f"{us / total:.1%}") for op, us in by_op.most_common(args.top)],
+                header=("op", "us per run", "share")))
+    print(table([(name[:70], round(us / runs, 1)) for name, us in by_node.most_common(args.top)], header=("node", "us per run")))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
