@@ -1,4 +1,4 @@
-"""Where does an onnxruntime run spend its time? Per-operator totals from onnxruntime's profiler.
+"""Where does an onnxruntime run spend its time? Per-operator totals from onnxruntime's profiler, warm-up excluded.
 
     python -m bench.profile_ort MODEL.onnx [--provider cuda|cpu] [--batch 8] [--tokens 1] [--past 128] [--runs 5]
 """
@@ -36,15 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     session = ort.InferenceSession(args.model, options, providers=providers)
     decode = graph_kind(session) == "decode"
     feeds = make_feeds(session, args.batch, args.tokens, args.past if decode else 0)
-    for _ in range(args.runs + 2):
+    warmup = 3
+    for _ in range(warmup + args.runs):
         session.run(None, feeds)
     trace = json.loads(Path(session.end_profiling()).read_text())
+    # keep only node events inside the timed runs (the warm-up runs allocate memory and pick kernels)
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("name") == "model_run")[warmup:]
     by_op, by_node = collections.Counter(), collections.Counter()
     for event in trace:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") \
+                and any(start <= event["ts"] <= end for start, end in windows):
             by_op[event["args"].get("op_name", "?")] += event["dur"]
             by_node[event["name"].removesuffix("_kernel_time")] += event["dur"]
-    runs = args.runs + 2
+    runs = len(windows)
     total = sum(by_op.values())
     print(f"{Path(args.model).name}: {args.provider}, batch {args.batch}, tokens {args.tokens}; "
           f"kernel time per run {total / runs:.0f} us (host-side launch time of each node, CUDA kernels are async)")
