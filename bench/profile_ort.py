@@ -8,6 +8,7 @@ import argparse
 import collections
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from passes.errors import run_cli
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.latency import graph_kind, make_feeds
     options = ort.SessionOptions()
     options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="ort_profile_")) / "profile")
     options.log_severity_level = 3
     providers = ["CUDAExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]
     session = ort.InferenceSession(args.model, options, providers=providers)
