@@ -115,13 +115,14 @@ def live_nodes(nodes: list[onnx.NodeProto], candidates: set[int], always_read: s
 
 
 def drop_unused(graph: onnx.GraphProto, removed: list[onnx.NodeProto]) -> None:
-    """Remove initializers only the removed nodes read, and value_info of tensors nobody produces any more."""
+    """Remove initializers (and graph inputs) only the removed nodes read, and value_info of tensors nobody
+    produces any more."""
     read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     orphaned = {name for node in removed for name in node.input} - read
-    for field in (graph.initializer, graph.input):
-        kept = [t for t in field if t.name not in orphaned]
-        del field[:]
-        field.extend(kept)
+    for entries in (graph.initializer, graph.input):
+        kept = [t for t in entries if t.name not in orphaned]
+        del entries[:]
+        entries.extend(kept)
     produced = {name for node in graph.node for name in node.output} | {i.name for i in graph.input}
     info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]

@@ -18,7 +18,7 @@ from onnx import helper
 
 from passes.errors import run_cli
 from passes.fuse import main as fuse_main
-from residual_models import ResidualStack, cached_export, export, ort_run, parallel_reference, rel_err, run_fuse_cli
+from residual_models import cached_export, ort_run, parallel_reference, rel_err, run_fuse_cli
 
 D = 32
 
