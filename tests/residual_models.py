@@ -191,3 +191,31 @@ def run_fuse_cli(*args, cwd=REPO, timeout: float = 120) -> subprocess.CompletedP
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "passes.fuse", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class TinyLM(nn.Module):
+    """input_ids [batch, seq] -> logits [batch, seq, vocab]: embedding, a ResidualStack, an LM head."""
+
+    def __init__(self, layout: str = "FFFFAF", seed: int = 0, vocab: int = 64, d: int = 32):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, d)
+        self.stack = ResidualStack(layout, d=d, seed=seed)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids):
+        return self.head(self.stack(self.embed(input_ids)))
+
+
+def export_lm(model: TinyLM, path) -> Path:
+    """TorchScript export with dynamic batch and sequence, IR version 10."""
+    import onnx
+    model = model.eval()
+    torch.onnx.export(model, (torch.zeros(2, 5, dtype=torch.int64),), str(path), dynamo=False,
+                      input_names=["input_ids"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    proto = onnx.load(str(path))
+    proto.ir_version = 10
+    onnx.save(proto, str(path))
+    return Path(path)

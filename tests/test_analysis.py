@@ -15,43 +15,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from passes.analysis import compute_metrics, parse_block_spec
 from passes.calibration import (calibration_for, check_inputs, load_calibration, load_inputs, random_inputs,
                                 save_inputs_npz, vocab_sizes)
 from passes.errors import UserError
-from tests.residual_models import FFN, ResidualStack, export
+from tests.residual_models import FFN, ResidualStack, TinyLM, export, export_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 32
 LAYOUT = "FFAFFFAF"          # FFN ordinals 0-1 | 2-4 | 5: chains [0,1], [2,3,4], [5]
 VOCAB = 50
-
-
-class TinyLM(nn.Module):
-    """input_ids -> Embedding -> ResidualStack -> Linear head -> logits (a language model in miniature)."""
-
-    def __init__(self, layout: str, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(VOCAB, D)
-        self.stack = ResidualStack(layout, d=D, seed=seed)
-        self.head = nn.Linear(D, VOCAB, bias=False)
-
-    def forward(self, input_ids):
-        return self.head(self.stack(self.embed(input_ids)))
-
-
-def export_lm(model: TinyLM, path: Path) -> Path:
-    model = model.eval()
-    torch.onnx.export(model, (torch.zeros(2, 5, dtype=torch.int64),), str(path), dynamo=False,
-                      input_names=["input_ids"], output_names=["logits"], opset_version=17,
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
-    proto = onnx.load(str(path))
-    proto.ir_version = 10
-    onnx.save(proto, str(path))
-    return path
 
 
 # ---------------------------------------------------------------- the torch reference
@@ -112,7 +86,7 @@ def f64(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lm")
-    path = export_lm(TinyLM("FFFAFFF", seed=5), folder / "lm.onnx")
+    path = export_lm(TinyLM("FFFAFFF", seed=5, vocab=VOCAB, d=D), folder / "lm.onnx")
     ids = np.random.default_rng(2).integers(0, VOCAB, size=(2, 12))
     return {"path": path, "folder": folder, "npz": save_inputs_npz(folder / "ids.npz", {"input_ids": ids}), "ids": ids}
 
@@ -179,7 +153,7 @@ def test_float32_with_bias_matches_torch(tmp_path):
 def test_language_model_cut_feeds_boundary_tensors(lm):
     """The LM graph has an embedding Gather and attention with masks computed before the blocks; metrics equal the
     torch reference on the embedded tokens."""
-    model = TinyLM("FFFAFFF", seed=5).eval()
+    model = TinyLM("FFFAFFF", seed=5, vocab=VOCAB, d=D).eval()
     metrics = compute_metrics(lm["path"], {"input_ids": lm["ids"]}, progress=False)
     with torch.no_grad():
         x = model.embed(torch.from_numpy(lm["ids"])).numpy()

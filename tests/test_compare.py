@@ -14,42 +14,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from bench import compare as bc
 from passes.errors import UserError
 from passes.fuse import fuse_file
-from tests.residual_models import ResidualStack, export
+from tests.residual_models import ResidualStack, TinyLM, export, export_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 D = 32
 
 
-class TinyLM(nn.Module):
-    """input_ids [batch, seq] -> logits [batch, seq, vocab]: embedding, a residual stack, an LM head."""
-
-    def __init__(self, layout: str = "FFFFAF", seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(VOCAB, D)
-        self.stack = ResidualStack(layout, d=D, seed=seed)
-        self.head = nn.Linear(D, VOCAB, bias=False)
-
-    def forward(self, input_ids):
-        return self.head(self.stack(self.embed(input_ids)))
-
-
-def export_lm(path: Path) -> Path:
-    model = TinyLM().eval()
-    ids = torch.randint(0, VOCAB, (2, 5))
-    torch.onnx.export(model, (ids,), str(path), dynamo=False, input_names=["input_ids"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-                      opset_version=17)
-    proto = onnx.load(str(path))
-    proto.ir_version = 10
-    onnx.save(proto, str(path))
-    return path
+def export_tiny_lm(path: Path) -> Path:
+    return export_lm(TinyLM(vocab=VOCAB, d=D), path)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +37,7 @@ def models(tmp_path_factory):
     fuse_file(d / "stack.onnx", d / "stack.fused.onnx")
     export(ResidualStack("FFFFAF"), d / "stack16.onnx", dtype=torch.float16)
     fuse_file(d / "stack16.onnx", d / "stack16.fused.onnx")
-    export_lm(d / "lm.onnx")
+    export_tiny_lm(d / "lm.onnx")
     fuse_file(d / "lm.onnx", d / "lm.fused.onnx")
     for name in ("stack", "stack.fused", "stack16", "stack16.fused", "lm", "lm.fused"):
         paths[name] = d / f"{name}.onnx"

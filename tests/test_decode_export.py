@@ -22,23 +22,10 @@ import torch
 from exporters.export import decode_io, export_onnx
 from models import build_preset, load_model, save_hf_checkpoint
 from models.decoder import DecodeStep
+from tests.test_export import random_ids, rel_err, session
 
 REPO = Path(__file__).resolve().parents[1]
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def rel_err(a, b) -> float:
-    """max|a - b| / max|b|."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def random_ids(vocab: int, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def empty_cache(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ from passes.fuse import fuse_file
 from passes.plan import Group, paper_rule
 from passes.plan_auto import auto_plan, measure_change, next_token_agreement, plan_from_metrics
 from tests.residual_models import ResidualStack, export, parallel_reference
-from tests.test_analysis import VOCAB, TinyLM, export_lm
+from tests.residual_models import TinyLM, export_lm
+from tests.test_analysis import D, VOCAB
 
 
 def metrics_from(matrix: np.ndarray, ordinals=None) -> Metrics:
@@ -147,7 +148,7 @@ def test_measure_change_matches_parallel_reference(stack_model):
 
 
 def test_measure_change_language_model(tmp_path):
-    path = export_lm(TinyLM("FFFFAF", seed=2), tmp_path / "lm.onnx")
+    path = export_lm(TinyLM("FFFFAF", seed=2, vocab=VOCAB, d=D), tmp_path / "lm.onnx")
     fused = tmp_path / "lm.fused.onnx"
     fuse_file(path, fused, groups=[Group(0, 2)])
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 16))
