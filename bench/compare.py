@@ -504,16 +504,15 @@ def format_report(r: dict) -> str:
     for row in table:
         lines.append("  " + "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
                                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip())
-    for name, o in r["outputs"].items():
-        for row in o["iterations"]:
-            if not row["passed"]:
-                it = f" (iteration {row['iteration']})" if multi else ""
-                if "error" in row:
-                    lines.append(f"  {name}{it}: {row['error']}")
-                else:
-                    lines.append(f"  {name}{it}: {row['mismatched_elements']:,} of {row['total_elements']:,} elements outside "
-                                 f"tolerance; largest abs error {_g(row['max_absdiff'])} at {row['max_abs_index']} "
-                                 f"(original {_g(row['original_value'])}, fused {_g(row['fused_value'])})")
+    failing = [(name, o, row) for name, o in r["outputs"].items() for row in o["iterations"] if not row["passed"]]
+    for name, o, row in failing:
+        it = f" (iteration {row['iteration']})" if multi else ""
+        if "error" in row:
+            lines.append(f"  {name}{it}: {row['error']}")
+        else:
+            lines.append(f"  {name}{it}: {row['mismatched_elements']:,} of {row['total_elements']:,} elements outside "
+                         f"tolerance; largest abs error {_g(row['max_absdiff'])} at {row['max_abs_index']} "
+                         f"(original {_g(row['original_value'])}, fused {_g(row['fused_value'])})")
     lm = r["language_model"]
     if lm is not None:
         lines.append(f"  language model ('{lm['output']}', vocab {lm['vocab']}, {lm['tokens']} tokens):")
@@ -528,17 +527,17 @@ def format_report(r: dict) -> str:
     if r["passed"]:
         lines.append("result: PASSED (within tolerance)")
     else:
-        reasons = []
-        for name, o in r["outputs"].items():
-            for row in o["iterations"]:
-                if not row["passed"]:
-                    it = f" iteration {row['iteration']}" if multi else ""
-                    if "error" in row:
-                        reasons.append(f"{name}{it}: {row['error']}")
-                    else:
-                        reasons.append(f"{name}{it} exceeds atol {_g(o['atol'])}/rtol {_g(o['rtol'])} "
-                                       f"(max abs error {_g(row['max_absdiff'])} at {row['max_abs_index']})")
-                    break
+        reasons, named = [], set()
+        for name, o, row in failing:   # the first failing iteration of each output
+            if name in named:
+                continue
+            named.add(name)
+            it = f" iteration {row['iteration']}" if multi else ""
+            if "error" in row:
+                reasons.append(f"{name}{it}: {row['error']}")
+            else:
+                reasons.append(f"{name}{it} exceeds atol {_g(o['atol'])}/rtol {_g(o['rtol'])} "
+                               f"(max abs error {_g(row['max_absdiff'])} at {row['max_abs_index']})")
         if lm is not None:
             reasons += lm["failures"]
         lines.append("result: FAILED: " + "; ".join(reasons))
