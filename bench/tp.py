@@ -6,6 +6,7 @@
     python -m bench.tp --emulate-tp 8        # one GPU doing one rank's share of TP8 (FFN width m/8)
     python -m bench.tp --backend gloo --device cpu --world-size 2 --shapes tiny --out DIR --no-save   # CPU test
     python -m bench.tp --plot a.json b.json --out DIR                 # one plot from several runs
+    python -m bench.tp --predict tp_w1_emu8.json tp_w2.json --out DIR # TP8 from one rank's share + measured all-reduces
 
 Math. Block i (i = 1..k) is a pre-norm SwiGLU FFN with gain g_i, gate G_i and up U_i (m x d), down D_i (d x m):
     FFN_i(x) = D_i (silu(G_i n_i) * (U_i n_i)),   n_i = g_i * xh,   xh = x / sqrt(mean(x^2) + eps).
@@ -491,6 +492,39 @@ def save(args, name, data) -> list[Path]:
     return [write_result(name, data, directory) for directory in out_dirs(args)]
 
 
+def predict(emulated: list[dict], measured: list[dict]) -> list[dict]:
+    """Fused over sequential at the emulated TP size, from one GPU doing one rank's share (--emulate-tp N: the
+    GEMM-only times G_seq, G_fused of a rank) and a real multi-GPU run (the all-reduce cost a inside a step):
+        speedup_N = (G_seq + k a_N) / (G_fused + a_N),   a_N in [a, 2 a]
+    a = ((seq total - seq gemm) + (fused total - fused gemm)) / (k + 1), the measured cost of one all-reduce in
+    the step at the measured world size (k in seq, 1 in fused), clamped at 0. With more ranks an all-reduce of
+    the same [T, d] tensor is not cheaper (a ring moves 2(N-1)/N of the bytes per GPU instead of 1, in more
+    steps), so a is the low end; 2 a is the high end, an assumption, not a measurement."""
+    by_key = {(r["shape"], r["k"], r["tokens"]): r for r in measured if not r.get("skipped")}
+    rows = []
+    for e in emulated:
+        key = (e["shape"].split("/")[0], e["k"], e["tokens"])
+        if e.get("skipped") or key not in by_key:
+            continue
+        m, k = by_key[key], e["k"]
+        a = max(0.0, ((m["seq"]["total_us"] - m["seq"]["gemm_us"]) + (m["fused"]["total_us"] - m["fused"]["gemm_us"])) / (k + 1))
+        g_seq, g_fused = e["seq"]["gemm_us"], e["fused"]["gemm_us"]
+        low, high = ((g_seq + k * s * a) / (g_fused + s * a) for s in (1, 2))
+        rows.append({"shape": key[0], "k": k, "tokens": key[2], "tp": e["emulated_tp"], "from_world": m["world"],
+                     "gemm_seq_us": g_seq, "gemm_fused_us": g_fused, "allreduce_us": a,
+                     "measured_speedup": m["speedup"], "predicted_speedup": [low, high]})
+    return rows
+
+
+def format_prediction(rows) -> str:
+    header = ("shape", "k", "T", "rank gemm seq", "rank gemm fused", "all-reduce", "measured W", "predicted TP")
+    lines = [header] + [(r["shape"], r["k"], r["tokens"], f"{r['gemm_seq_us']:.1f}", f"{r['gemm_fused_us']:.1f}",
+                         f"{r['allreduce_us']:.1f}", f"{r['measured_speedup']:.3f} (W={r['from_world']})",
+                         f"{r['predicted_speedup'][0]:.2f}-{r['predicted_speedup'][1]:.2f} (TP{r['tp']})") for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(*lines)]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
 # ----------------------------------------------------------------------------------------------- processes
 def worker(rank: int, args, init_method: str, local_rank: int | None = None) -> int:
     """One rank: init the process group, run the sweep, rank 0 reports. Returns the exit code."""
@@ -613,6 +647,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="also write the JSON and PNG here (e.g. $OUT)")
     p.add_argument("--no-save", action="store_true", help="do not write into bench/results/")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="only plot rows of these result files together")
+    p.add_argument("--predict", nargs=2, metavar=("EMULATED_JSON", "MEASURED_JSON"),
+                   help="only predict TP N from an --emulate-tp N run and a multi-GPU run (see predict())")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.k, args.tokens = QUICK["shapes"], QUICK["k"], QUICK["tokens"]
@@ -636,6 +672,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for f in args.plot for r in json.loads(Path(f).read_text())["rows"]]
         paths = [plot(rows, d / f"{args.name or 'tp_combined'}.png") for d in out_dirs(args)]
         print(f"plots: {', '.join(str(p) for p in paths if p) or 'none'}")
+        return 0
+    if args.predict:
+        emulated, measured = (json.loads(Path(f).read_text())["rows"] for f in args.predict)
+        rows = predict(emulated, measured)
+        if not rows:
+            print("no (shape, k, tokens) in both files", file=sys.stderr)
+            return 2
+        print(format_prediction(rows))
+        name = args.name or f"tp_predict_tp{rows[0]['tp']}"
+        paths = save(args, name, {"sources": args.predict, "model": predict.__doc__, "rows": rows})
+        print(f"results: {', '.join(map(str, paths))}")
         return 0
     if {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= os.environ.keys():   # launched by torchrun
         args.world_size = int(os.environ["WORLD_SIZE"])
