@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from passes.calibration import load_calibration, vocab_sizes
+from passes.change import next_token_metrics
 from passes.errors import fail, run_cli
 from passes.onnx_io import load_model
 
@@ -50,7 +51,6 @@ DEFAULT_SEED = 1
 DEFAULT_TOLERANCE = {TensorProto.DOUBLE: 1e-3, TensorProto.FLOAT: 1e-3, TensorProto.FLOAT16: 1e-2,
                      TensorProto.BFLOAT16: 3e-2}
 FALLBACK_TOLERANCE = 1e-3
-TOKEN_CHUNK = 256      # next-token metrics are computed this many tokens at a time (vocab-sized float64 rows)
 BATCH_NAMES = ("batch",)
 SEQ_NAMES = ("seq", "sequence", "len", "length", "token", "tokens", "time")
 
@@ -213,66 +213,6 @@ def random_inputs(iface: Interface, batch: int, seq: int, seed: int) -> tuple[li
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-
-def _log_softmax64(rows: np.ndarray) -> np.ndarray:
-    x = rows.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def next_token_metrics(orig: list[np.ndarray], fused: list[np.ndarray], ids: list[np.ndarray] | None,
-                       masks: list[np.ndarray | None] | None) -> dict:
-    """KL(p_orig || p_fused) per token, top-1 agreement, and (with ids) the perplexity of both models.
-
-    orig/fused: logits [batch, seq, vocab] per iteration. ids: input ids [batch, seq] per iteration; the logits
-    at position t predict ids[t + 1] (masked by the attention mask, where one is given).
-    """
-    kl_all, agree, tokens = [], 0, 0
-    nll_o = nll_f = 0.0
-    predictions = 0
-    for it, (lo, lf) in enumerate(zip(orig, fused)):
-        vocab = lo.shape[-1]
-        ro, rf = lo.reshape(-1, vocab), lf.reshape(-1, vocab)
-        targets = valid = None
-        if ids is not None:
-            x = np.asarray(ids[it]).reshape(lo.shape[:-1])
-            nxt = np.zeros_like(x)
-            nxt[..., :-1] = x[..., 1:]
-            ok = np.zeros(x.shape, bool)
-            ok[..., :-1] = True
-            if masks is not None and masks[it] is not None:
-                m = np.asarray(masks[it]).reshape(x.shape).astype(bool)
-                ok[..., :-1] &= m[..., :-1] & m[..., 1:]
-            targets, valid = nxt.reshape(-1), ok.reshape(-1)
-        for s in range(0, ro.shape[0], TOKEN_CHUNK):
-            po, pf = _log_softmax64(ro[s:s + TOKEN_CHUNK]), _log_softmax64(rf[s:s + TOKEN_CHUNK])
-            kl_all.append((np.exp(po) * (po - pf)).sum(-1))
-            agree += int((po.argmax(-1) == pf.argmax(-1)).sum())
-            tokens += po.shape[0]
-            if targets is not None:
-                t, v = targets[s:s + TOKEN_CHUNK], valid[s:s + TOKEN_CHUNK]
-                rows = np.nonzero(v)[0]
-                nll_o -= float(po[rows, t[rows]].sum())
-                nll_f -= float(pf[rows, t[rows]].sum())
-                predictions += len(rows)
-    kl = np.concatenate(kl_all) if kl_all else np.zeros(0)
-    result = {
-        "tokens": tokens,
-        "kl_mean": float(kl.mean()) if kl.size else None,
-        "kl_median": float(np.median(kl)) if kl.size else None,
-        "kl_max": float(kl.max()) if kl.size else None,
-        "top1_agreement": agree / tokens if tokens else None,
-        "top1_agree_count": agree,
-    }
-    if ids is not None:
-        result["predictions"] = predictions
-        if predictions:
-            result["nll_original"] = nll_o / predictions
-            result["nll_fused"] = nll_f / predictions
-            result["perplexity_original"] = math.exp(nll_o / predictions)
-            result["perplexity_fused"] = math.exp(nll_f / predictions)
-    return result
-
 
 def default_tolerance(elem_type: int) -> float:
     """Default atol = rtol for an output of this ONNX element type."""

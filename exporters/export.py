@@ -197,6 +197,37 @@ def _rename_matmul_weights(graph: onnx.GraphProto) -> None:
         taken.add(new)
 
 
+def _share_tied_embedding(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Tied embeddings are stored once: the lm_head MatMul reads Transpose(E) of the embedding table E (which
+    onnxruntime and TensorRT fold at load time) instead of a second, transposed copy. The copy is dropped only
+    when it equals E^T (checked on its first and last rows)."""
+    import numpy as np
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    table = next((n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                  and len(inits[n.input[0]].dims) == 2), None)
+    head = next((n for n in graph.node if n.op_type == "MatMul" and n.name.startswith("/lm_head/")
+                 and n.input[1] in inits), None)
+    if table is None or head is None:
+        return
+    e, w = inits[table], inits[head.input[1]]
+    if list(w.dims) != list(reversed(e.dims)) or w.data_type != e.data_type:
+        return
+    e_rows = onnx_io.tensor_array(e, base_dir)
+    w_cols = onnx_io.tensor_array(w, base_dir)
+    for r in (0, e.dims[0] - 1):
+        if not np.array_equal(np.asarray(e_rows[r]), np.asarray(w_cols[:, r])):
+            return
+    transposed = f"{head.name.rsplit('/', 1)[0]}/Transpose_output_0"
+    graph.node.insert(list(graph.node).index(head), onnx.helper.make_node(
+        "Transpose", [table], [transposed], name=f"{head.name.rsplit('/', 1)[0]}/Transpose", perm=[1, 0]))
+    old = head.input[1]
+    head.input[1] = transposed
+    kept = [t for t in graph.initializer if t.name != old]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def export_onnx(
     model: PuzzleDecoder,
     path: str | os.PathLike,
@@ -244,6 +275,8 @@ def export_onnx(
         if exporter == "dynamo":
             _rename_dynamo(proto.graph)
         _rename_matmul_weights(proto.graph)
+        if model.config.tie_word_embeddings:
+            _share_tied_embedding(proto, raw.parent)
         size = sum(onnx_io.tensor_nbytes(t) for t in proto.graph.initializer)
         if external_data == "never" and size > onnx_io.PROTOBUF_LIMIT:
             raise UserError(f"{size / 1e9:.2f} GB of weights do not fit one ONNX file; use --external-data auto")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
@@ -40,6 +40,7 @@ from passes.errors import fail
 from passes.graph import GraphIndex
 from passes.match import FFNBlock, match_ffn_blocks
 from passes.onnx_io import LoadedModel, load_model, ort_session
+from passes.ranges import expand, parse_ranges
 
 COST_DEFINITION = ("forward_pass_equivalents = sum over runs of the weight-MatMul FLOPs executed (MatMul/Gemm/MatMulNBits "
                    "with a constant operand, 2 x its size per token) / the same for one full forward pass of the original "
@@ -235,11 +236,11 @@ class _Cut:
     graph_inputs: list[str]
     inits: list[str]
     outputs: list[str]
-    removed: FFNBlock | None = None
+    removed: "Removable | None" = None
     constant_targets: list[str] = field(default_factory=list)   # targets not downstream of the cut (h unchanged)
 
 
-def _cut(net: _Net, targets: Sequence[str], removed: FFNBlock | None, label: str) -> _Cut:
+def _cut(net: _Net, targets: Sequence[str], removed: "Removable | None", label: str) -> _Cut:
     """Walk back from `targets`. With `removed`, only nodes downstream of its residual node (and constant
     subgraphs) are run; everything else they read becomes a boundary tensor fed from the base run."""
     cone = net.forward_cone(removed.residual_node) if removed is not None else None
@@ -297,10 +298,11 @@ def _variant(proto: onnx.ModelProto, net: _Net, cut: _Cut, input_types: Mapping[
         if cut.removed is not None and k == cut.removed.residual_node:
             b = cut.removed
             x_port, y_port = b.residual_ports
-            zero, shape = f"__analysis/remove_{b.ordinal}/zeros", f"__analysis/remove_{b.ordinal}/shape"
+            scope = f"__analysis/{cut.label.replace(' ', '_')}"
+            zero, shape = f"{scope}/zeros", f"{scope}/shape"
             x = node.input[x_port]
-            nodes.append(helper.make_node("Shape", [x], [shape], name=f"__analysis/remove_{b.ordinal}/Shape"))
-            nodes.append(helper.make_node("ConstantOfShape", [shape], [zero], name=f"__analysis/remove_{b.ordinal}/ConstantOfShape",
+            nodes.append(helper.make_node("Shape", [x], [shape], name=f"{scope}/Shape"))
+            nodes.append(helper.make_node("ConstantOfShape", [shape], [zero], name=f"{scope}/ConstantOfShape",
                                           value=helper.make_tensor("value", b.data_type, [1], [0])))
             rewired = onnx.NodeProto()
             rewired.CopyFrom(node)
@@ -354,19 +356,102 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
     """'3-10' or '1,4,6-9' -> sorted unique ordinals; malformed or out of range -> UserError."""
     if n_blocks == 0:
         fail("the model has no FFN blocks")
-    ordinals = set()
-    for part in spec.split(","):
-        part = part.strip()
-        pieces = [p.strip() for p in part.split("-")]
-        if not part or len(pieces) > 2 or not all(p.isdigit() for p in pieces):
-            fail(f"malformed block range '{part}' in --blocks '{spec}': expected ordinals like 3-10 or 1,4,6-9")
-        first, last = int(pieces[0]), int(pieces[-1])
-        if last < first:
-            fail(f"block range '{part}' is empty (FIRST > LAST)")
-        if last >= n_blocks:
-            fail(f"block {last} in --blocks '{spec}' is out of range: the model has {n_blocks} FFN blocks (ordinals 0-{n_blocks - 1})")
-        ordinals.update(range(first, last + 1))
-    return sorted(ordinals)
+    ordinals = expand(parse_ranges(spec, "--blocks", "3-10 or 1,4,6-9"))
+    if ordinals[-1] >= n_blocks:
+        fail(f"block {ordinals[-1]} in --blocks '{spec}' is out of range: the model has {n_blocks} FFN blocks "
+             f"(ordinals 0-{n_blocks - 1})")
+    return ordinals
+
+
+class Removable(Protocol):
+    """Where a contribution joins the residual stream: node `residual_node` reads x and the contribution at
+    `residual_ports` (x slot, contribution slot); `data_type` is the contribution's element type."""
+    residual_node: int
+    residual_ports: tuple[int, int]
+    data_type: int
+
+
+class SuffixRuns:
+    """One base run of the graph, then for each removal a run of only the part of the graph downstream of it.
+
+    `removals` are (site, targets, label): the site's contribution is replaced by zeros (x' = x exactly, whatever
+    the residual node is) and the targets are computed from there; everything the suffix reads from before the
+    cut is fed from the base run. All cuts are planned up front, so the base run exposes every boundary tensor
+    once. `float_names`: bfloat16 tensors among the targets, returned cast to float32 (numpy has no bfloat16).
+    Use as a context manager (it owns a progress bar); `cost()` charges the runs in forward-pass equivalents."""
+
+    def __init__(self, model: LoadedModel, feeds: Mapping[str, np.ndarray], base_targets: Sequence[str],
+                 removals: Sequence[tuple["Removable", Sequence[str], str]], *, float_names: set[str] = frozenset(),
+                 progress: bool = True, desc: str = "analysis"):
+        from tqdm import tqdm
+        self.start = time.perf_counter()
+        self.model, self.feeds, self.float_names = model, feeds, set(float_names)
+        self.net = _Net(model.proto.graph)
+        self.total_flops = sum(self.net.flops) or 0.0
+        self.cuts = [_cut(self.net, list(targets), site, label) for site, targets, label in removals]
+        needed = list(dict.fromkeys([*base_targets, *(t for c in self.cuts for t in c.boundary)]))
+        self.base_targets = list(base_targets)
+        self.base_cut = _cut(self.net, [t for t in needed if t not in self.net.inputs], None, "base")
+        self.boundary: dict = {}
+        self.base_values: dict[str, np.ndarray] = {}
+        self.run_log: list[dict] = []
+        self.session_seconds = 0.0
+        self.bar = tqdm(total=1 + len(self.cuts), desc=desc, unit="run", disable=None if progress else True, leave=False)
+
+    def __enter__(self) -> "SuffixRuns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def _execute(self, cut: _Cut, feeds: Mapping, input_types: Mapping[str, int]) -> dict:
+        import onnxruntime as ort
+        self.bar.set_postfix_str(cut.label)
+        t0 = time.perf_counter()
+        session = _session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir)
+        self.session_seconds += time.perf_counter() - t0
+        names = [o.name for o in session.get_outputs()]
+        values = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                  for name, value in feeds.items()}
+        try:
+            results = session.run_with_ort_values(names, values)
+        except Exception as exc:
+            _explain_ort_failure(exc)
+            raise
+        del session
+        self.run_log.append({"run": cut.label, "nodes": len(cut.nodes), "seconds": round(time.perf_counter() - t0, 4),
+                             "forward_pass_fraction": round(sum(self.net.flops[k] for k in cut.nodes) / self.total_flops, 6)
+                             if self.total_flops else None})
+        self.bar.update(1)
+        return dict(zip(names, results))
+
+    def base(self) -> dict[str, np.ndarray]:
+        """The base targets as numpy arrays (graph inputs among them come from the feeds)."""
+        result = self._execute(self.base_cut, {n: self.feeds[n] for n in self.base_cut.graph_inputs}, {})
+        boundary = {t for c in self.cuts for t in c.boundary}
+        self.boundary = {name: value for name, value in result.items() if name in boundary}
+        self.base_values = {name: np.asarray(self.feeds[name]) if name in self.net.inputs else _numpy(result, name)
+                            for name in self.base_targets}
+        return self.base_values
+
+    def removal(self, k: int) -> dict[str, np.ndarray]:
+        """Targets of removal k; a target the removed contribution cannot reach is its base value (then it must be
+        a base target)."""
+        cut = self.cuts[k]
+        feeds = {name: self.boundary[name] for name in cut.boundary}
+        feeds.update({name: self.feeds[name] for name in cut.graph_inputs})
+        types = {name: ort_type_to_onnx(self.boundary[name].data_type()) for name in cut.boundary}
+        result = self._execute(cut, feeds, types)
+        values = {name: _numpy(result, name) for name in cut.outputs}
+        values.update({name: self.base_values[name] for name in cut.constant_targets})
+        return values
+
+    def cost(self) -> Cost:
+        fractions = [r["forward_pass_fraction"] or 0.0 for r in self.run_log]
+        return Cost(forward_pass_equivalents=float(sum(fractions)),
+                    node_fraction=float(sum(r["nodes"] for r in self.run_log) / max(len(self.net.nodes), 1)),
+                    seconds=time.perf_counter() - self.start, session_seconds=self.session_seconds,
+                    runs=len(self.run_log), per_run=self.run_log)
 
 
 def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], ordinals: Sequence[int] | None = None, *,
@@ -374,10 +459,8 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
                     chains: list[Chain] | None = None) -> Metrics:
     """cosdist_io, ratio and the dependency matrix M for `ordinals` (default: every FFN block) on `feeds`
     (already validated, see passes.calibration). scope "chains" measures M only between blocks of one chain."""
-    from tqdm import tqdm
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
-    start = time.perf_counter()
     if not isinstance(model, LoadedModel):
         model = load_model(model)
     proto = model.proto
@@ -393,92 +476,28 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
     if ordinals[-1] >= len(blocks) or ordinals[0] < 0:
         fail(f"block {ordinals[-1]} is out of range: the model has {len(blocks)} FFN blocks (ordinals 0-{len(blocks) - 1})")
     chain_of = {o: k for k, c in enumerate(chains or []) for o in c.ordinals}
-    net = _Net(proto.graph)
-    total_flops = sum(net.flops) or 0.0
-
     later: dict[int, list[int]] = {}
     for a, i in enumerate(ordinals):
         js = [j for j in ordinals[a + 1:] if scope == "all" or chain_of.get(j) == chain_of.get(i)]
         if js:
             later[i] = js
-    removal_cuts = [_cut(net, [blocks[j].contribution for j in js], blocks[i], f"remove {i}") for i, js in later.items()]
     x_names = {o: blocks[o].residual_in for o in ordinals}
     h_names = {o: blocks[o].contribution for o in ordinals}
-    needed = list(dict.fromkeys([*x_names.values(), *h_names.values(), *(t for c in removal_cuts for t in c.boundary)]))
-    base_targets = [t for t in needed if t not in net.inputs]
-    base_cut = _cut(net, base_targets, None, "base")
-    bf16 = {b.residual_in for b in blocks if b.data_type == TensorProto.BFLOAT16} | \
-           {b.contribution for b in blocks if b.data_type == TensorProto.BFLOAT16}
-
-    run_log, session_seconds = [], 0.0
-    bar = tqdm(total=1 + len(removal_cuts), desc="analysis", unit="run", disable=None if progress else True, leave=False)
-
-    def execute(cut: _Cut, feeds_by_name: Mapping, input_types: Mapping[str, int]):
-        nonlocal session_seconds
-        bar.set_postfix_str(cut.label)
-        t0 = time.perf_counter()
-        session = _session(_variant(proto, net, cut, input_types, bf16), model.base_dir)
-        t1 = time.perf_counter()
-        session_seconds += t1 - t0
-        import onnxruntime as ort
-        names = [o.name for o in session.get_outputs()]
-        values = {}
-        for name, value in feeds_by_name.items():
-            values[name] = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-        try:
-            results = session.run_with_ort_values(names, values)
-        except Exception as exc:
-            _explain_ort_failure(exc)
-            raise
-        del session
-        run_log.append({"run": cut.label,
-                        "forward_pass_fraction": round(sum(net.flops[k] for k in cut.nodes) / total_flops, 6) if total_flops else None,
-                        "nodes": len(cut.nodes),
-                        "seconds": round(time.perf_counter() - t0, 4)})
-        bar.update(1)
-        return dict(zip(names, results))
-
-    try:
-        base = execute(base_cut, {n: feeds[n] for n in base_cut.graph_inputs}, {})
-
-        def array(name: str) -> np.ndarray:
-            if name in net.inputs:
-                return np.asarray(feeds[name])
-            return _numpy(base, name)
-
-        xs = {o: array(x_names[o]) for o in ordinals}
-        hs = {o: array(h_names[o]) for o in ordinals}
+    bf16 = {name for b in blocks if b.data_type == TensorProto.BFLOAT16 for name in (b.residual_in, b.contribution)}
+    removals = [(blocks[i], [blocks[j].contribution for j in js], f"remove {i}") for i, js in later.items()]
+    with SuffixRuns(model, feeds, list(dict.fromkeys([*x_names.values(), *h_names.values()])), removals,
+                    float_names=bf16, progress=progress) as runs:
+        base = runs.base()
+        xs = {o: base[x_names[o]] for o in ordinals}
+        hs = {o: base[h_names[o]] for o in ordinals}
         cosdist = [_mean(cosine_distance(xs[o], xs[o].astype(np.float64) + hs[o].astype(np.float64))) for o in ordinals]
         ratio = [_mean(norm_ratio(hs[o], xs[o])) for o in ordinals]
         tokens = int(hs[ordinals[0]].size // hs[ordinals[0]].shape[-1])
-        del xs
-        boundary = {t for c in removal_cuts for t in c.boundary}
-        base = {name: value for name, value in base.items() if name in boundary}   # x_t, h_t are in xs/hs now
-
         pos = {o: a for a, o in enumerate(ordinals)}
         matrix: list[list[float | None]] = [[0.0 if b <= a else None for b in range(len(ordinals))] for a in range(len(ordinals))]
-        for cut in removal_cuts:
-            i = cut.removed.ordinal
-            types = {}
-            feed = {}
-            for name in cut.boundary:
-                feed[name] = base[name]
-                types[name] = ort_type_to_onnx(base[name].data_type())
-            for name in cut.graph_inputs:
-                feed[name] = feeds[name]
-            result = execute(cut, feed, types)
+        for k, i in enumerate(later):
+            result = runs.removal(k)
             for j in later[i]:
-                name = blocks[j].contribution
-                if name in cut.constant_targets:
-                    matrix[pos[i]][pos[j]] = 0.0
-                else:
-                    matrix[pos[i]][pos[j]] = _mean(cosine_distance(hs[j], _numpy(result, name)))
-            del result
-    finally:
-        bar.close()
-
-    fractions = [r["forward_pass_fraction"] or 0.0 for r in run_log]
-    cost = Cost(forward_pass_equivalents=float(sum(fractions)),
-                node_fraction=float(sum(r["nodes"] for r in run_log) / max(len(net.nodes), 1)),
-                seconds=time.perf_counter() - start, session_seconds=session_seconds, runs=len(run_log), per_run=run_log)
+                matrix[pos[i]][pos[j]] = _mean(cosine_distance(hs[j], result[blocks[j].contribution]))
+        cost = runs.cost()
     return Metrics(list(ordinals), cosdist, ratio, matrix, cost, tokens, scope)

@@ -26,7 +26,8 @@ from passes.graph import GraphIndex
 from passes.match import match_ffn_blocks
 from passes.onnx_io import load_model
 from passes.plots import blocks_plot_path
-from passes.report import span, structure_record, table
+from passes.ranges import spans
+from passes.report import structure_record, table
 
 
 def _positive_int(text: str) -> int:
@@ -74,7 +75,7 @@ def summary(report: dict) -> str:
     metrics, dep = report["metrics"], report["dependency"]
     ordinals = dep["ordinals"]
     pos = {o: a for a, o in enumerate(ordinals)}
-    chain_of = {o: span(c) for c in report["chains"] for o in c}
+    chain_of = {o: spans(c) for c in report["chains"] for o in c}
     width = {b["ordinal"]: b["width"] for b in report["blocks"]}
     rows = []
     for a, o in enumerate(ordinals):

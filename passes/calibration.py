@@ -170,15 +170,18 @@ _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tens
 # ---------------------------------------------------------------- loading
 
 def load_inputs(path: str | os.PathLike, session_inputs, vocab: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Feeds {name: array} from FILE.npz or a polygraphy inputs JSON, cast and checked against `session_inputs`
+    """Feeds {name: array} from an inputs file (see load_calibration), cast and checked against `session_inputs`
     (an onnx ModelProto, `session.get_inputs()` or InputSpecs); `vocab` maps token inputs to their vocabulary size
     (default: found in the model when a ModelProto is given)."""
     return load_calibration(path, session_inputs, vocab).feeds
 
 
-def load_calibration(path: str | os.PathLike, session_inputs, vocab: Mapping[str, int] | None = None) -> Calibration:
-    """Like `load_inputs`, with the source description for reports. With a ModelProto as `session_inputs` and no
-    `vocab`, the vocabulary comes from the model (see `vocab_sizes`)."""
+def load_calibration(path: str | os.PathLike, session_inputs, vocab: Mapping[str, int] | None = None,
+                     hints: Mapping[str, int] | None = None) -> Calibration:
+    """Inputs from FILE.npz (one array per graph input), a polygraphy --save-inputs JSON, or a plain JSON of token
+    ids (a list of equal-length lists, or {"input_ids": [[...], ...]}). A file that holds only the token ids of a
+    model that also takes an attention mask, positions or KV caches gets those made for the ids (see
+    `token_feeds`). With a ModelProto as `session_inputs` and no `vocab`, the vocabulary comes from the model."""
     if vocab is None and isinstance(session_inputs, onnx.ModelProto):
         vocab = vocab_sizes(session_inputs)
     path = Path(path)
@@ -190,13 +193,54 @@ def load_calibration(path: str | os.PathLike, session_inputs, vocab: Mapping[str
         fail(f"inputs file {path} is empty")
     notes: list[str] = []
     if _looks_like_zip(path):
-        raw = _read_npz(path)
-        source = f"{path} (npz)"
+        raw, source = _read_npz(path), f"{path} (npz)"
     else:
-        raw = _read_polygraphy_json(path, notes)
-        source = f"{path} (polygraphy inputs JSON)"
+        raw = _read_token_json(path, session_inputs, vocab or {})
+        source = f"{path} (JSON token ids)"
+        if raw is None:
+            raw, source = _read_polygraphy_json(path, notes), f"{path} (polygraphy inputs JSON)"
+    specs = input_specs(session_inputs)
+    missing = [s.name for s in specs if s.name not in raw]
+    tokens = [name for name in raw if name in (vocab or {})]
+    if missing and tokens and not [n for n in raw if n not in {s.name for s in specs}]:
+        made, made_notes = token_feeds(specs, vocab or {}, raw[tokens[0]], hints or {}, only=missing)
+        raw = {**raw, **made}
+        notes += made_notes
     feeds = check_inputs(raw, session_inputs, vocab, where=str(path))
     return Calibration(feeds, source, None, notes)
+
+
+def _read_token_json(path: Path, session_inputs, vocab: Mapping[str, int]) -> dict[str, np.ndarray] | None:
+    """Token ids from a plain JSON file, or None when the file is not one (polygraphy's format, say)."""
+    import json
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(data, Mapping) and data and all(_is_int_rows(v) for v in data.values()):
+        return {name: _int_array(path, rows) for name, rows in data.items()}
+    if _is_int_rows(data):
+        names = [s.name for s in input_specs(session_inputs) if s.name in vocab]
+        if not names:
+            fail(f"inputs file {path} holds token ids, but the model has no token input (no embedding table found)")
+        return {names[0]: _int_array(path, data)}
+    return None
+
+
+def _is_int_rows(value) -> bool:
+    """A non-empty list of ints, or a non-empty list of non-empty lists of ints."""
+    if not isinstance(value, list) or not value:
+        return False
+    rows = value if isinstance(value[0], list) else [value]
+    return all(isinstance(r, list) and r and all(isinstance(t, int) and not isinstance(t, bool) for t in r) for r in rows)
+
+
+def _int_array(path: Path, rows) -> np.ndarray:
+    rows = rows if isinstance(rows[0], list) else [rows]
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        fail(f"inputs file {path}: token rows have different lengths ({lengths[0]}..{lengths[-1]}); give rows of equal length")
+    return np.asarray(rows, dtype=np.int64)
 
 
 def _looks_like_zip(path: Path) -> bool:
@@ -287,7 +331,7 @@ def _check_one(array: np.ndarray, spec: InputSpec, vocab: int | None, where: str
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
             if isinstance(want, int) and want > 0 and got != want:
                 fail(f"{label} has size {got} on axis {axis} (shape {list(array.shape)}), the model fixes it to {want} {_shape_text(spec.shape)}")
-    if array.size == 0:
+    if array.size == 0 and not _is_cache(spec):
         fail(f"{label} is empty (shape {list(array.shape)})")
     kind = array.dtype.kind
     if spec.elem_type in _INT_TYPES:
@@ -323,54 +367,139 @@ def _shape_text(shape) -> str:
 
 # ---------------------------------------------------------------- random inputs and files
 
+def _is_cache(spec: InputSpec) -> bool:
+    """A KV-cache input (past_key_values.0.key, past_key_3, ...)."""
+    return spec.elem_type in _FLOAT_TYPES and ("past" in spec.name.lower() or "cache" in spec.name.lower())
+
+
+def concrete_shape(spec: InputSpec, batch: int, seq: int, hints: Mapping[str, int]) -> tuple[int, ...]:
+    """The one rule for dynamic dimensions: fixed dims stay; axis 0 is the batch; in a KV-cache input the past
+    axis (a dim named like "past") is 0, the others come from `hints` (head_size, num_key_value_heads of the
+    runtime config) by position (axis 1 heads, last axis head size); every other dynamic dim is the sequence."""
+    if spec.shape is None:
+        fail(f"input '{spec.name}' has unknown rank; pass --inputs")
+    shape = []
+    for axis, d in enumerate(spec.shape):
+        name = str(d or "").lower()
+        if isinstance(d, int) and d > 0:
+            shape.append(d)
+        elif axis == 0:
+            shape.append(batch)
+        elif _is_cache(spec) and "past" in name:
+            shape.append(0)
+        elif _is_cache(spec):
+            key = "head_size" if axis == len(spec.shape) - 1 else "num_key_value_heads" if axis == 1 else None
+            if key not in hints:
+                fail(f"KV-cache input '{spec.name}' has a dynamic dimension '{d or '?'}' (axis {axis}) whose size is not "
+                     f"known; pass --inputs with that input")
+            shape.append(int(hints[key]))
+        else:
+            shape.append(seq)
+    return tuple(shape)
+
+
+def token_feeds(specs: list[InputSpec], vocab: Mapping[str, int], ids: np.ndarray, hints: Mapping[str, int],
+                only: list[str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Feeds that run the model on token ids [batch, seq] from the start (no past): the token input gets the ids,
+    an attention mask all ones, position ids 0..seq-1, KV caches a past length of 0. `only`: just these inputs.
+    Any other input is a UserError (the model needs real inputs for it)."""
+    ids = np.asarray(ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    batch, seq = ids.shape[0], ids.shape[-1]
+    feeds, made = {}, []
+    for spec in specs:
+        if only is not None and spec.name not in only:
+            continue
+        lowered = spec.name.lower()
+        shape = concrete_shape(spec, batch, seq, hints)
+        if spec.name in vocab:
+            feeds[spec.name] = ids.reshape(shape).astype(spec.dtype)
+            continue
+        if spec.elem_type in _INT_TYPES and "mask" in lowered:
+            feeds[spec.name], what = np.ones(shape, spec.dtype), "all ones"
+        elif spec.elem_type in _INT_TYPES and "position" in lowered:
+            feeds[spec.name], what = np.broadcast_to(np.arange(shape[-1], dtype=spec.dtype), shape).copy(), "0..seq-1"
+        elif _is_cache(spec) and spec.elem_type != TensorProto.BFLOAT16:
+            feeds[spec.name], what = np.zeros(shape, spec.dtype), "empty cache"
+        else:
+            fail(f"cannot make a value for input '{spec.name}' ({spec.type_name} {_shape_text(spec.shape or ())}) from "
+                 f"token ids; pass --inputs FILE.npz with every graph input")
+        made.append(f"{spec.name}: {what} {list(shape)}")
+    return feeds, ([f"made for the token ids: {'; '.join(made)}"] if made else [])
+
+
 def random_inputs(session_inputs, vocab: Mapping[str, int] | None = None, *, batch: int = DEFAULT_BATCH,
-                  seq: int = DEFAULT_SEQ, seed: int = DEFAULT_SEED) -> Calibration:
-    """Seeded random feeds: token ids uniform in [0, vocab) for token inputs, N(0, 1) for float inputs,
-    ones for masks, 0..seq-1 for position inputs. Dynamic axis 0 gets `batch`, other dynamic axes `seq`."""
+                  seq: int = DEFAULT_SEQ, seed: int = DEFAULT_SEED, hints: Mapping[str, int] | None = None) -> Calibration:
+    """Seeded random inputs. A language model (a token input) gets token ids uniform in [0, vocab) and the rest
+    from `token_feeds`; a model without one gets N(0, 1) float inputs (shapes by `concrete_shape`)."""
     specs = input_specs(session_inputs)
     vocab = dict(vocab or {})
+    hints = dict(hints or {})
     rng = np.random.default_rng(seed)
-    feeds, floats = {}, False
+    token = next((s for s in specs if s.name in vocab), None)
+    if token is not None:
+        ids = rng.integers(0, vocab[token.name], size=(batch, seq))
+        feeds, notes = token_feeds(specs, vocab, ids, hints)
+        shapes = ", ".join(f"{n} {list(v.shape)}" for n, v in feeds.items())
+        return Calibration(feeds, f"random tokens (seed {seed}): {shapes}", RANDOM_WARNING, notes)
+    feeds = {}
     for spec in specs:
-        if spec.shape is None:
-            fail(f"input '{spec.name}' has unknown rank; pass --inputs")
-        shape = tuple(d if isinstance(d, int) and d > 0 else (batch if axis == 0 else seq) for axis, d in enumerate(spec.shape))
-        lowered = spec.name.lower()
-        if spec.elem_type in _INT_TYPES:
-            if spec.name in vocab:
-                feeds[spec.name] = rng.integers(0, vocab[spec.name], size=shape).astype(spec.dtype)
-            elif "mask" in lowered:
-                feeds[spec.name] = np.ones(shape, spec.dtype)
-            elif "position" in lowered:
-                feeds[spec.name] = np.broadcast_to(np.arange(shape[-1], dtype=spec.dtype), shape).copy()
-            else:
-                fail(f"cannot make random values for integer input '{spec.name}' (no embedding table found, so the vocabulary "
-                     f"is unknown); pass --inputs FILE.npz")
+        shape = concrete_shape(spec, batch, seq, hints)
+        if spec.elem_type in _INT_TYPES and ("mask" in spec.name.lower() or "position" in spec.name.lower()):
+            feeds.update(token_feeds([spec], vocab, np.zeros((batch, seq), np.int64), hints)[0])
         elif spec.elem_type == TensorProto.BOOL:
             feeds[spec.name] = np.ones(shape, bool)
         elif spec.elem_type in _FLOAT_TYPES and spec.elem_type != TensorProto.BFLOAT16:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            floats = True
+        elif spec.elem_type in _INT_TYPES:
+            fail(f"cannot make random values for integer input '{spec.name}' (no embedding table found, so the vocabulary "
+                 f"is unknown); pass --inputs FILE.npz")
         else:
             fail(f"cannot make random values for input '{spec.name}' of type {spec.type_name}; pass --inputs FILE.npz")
     shapes = ", ".join(f"{n} {list(v.shape)}" for n, v in feeds.items())
-    if floats and not any(n in vocab for n in feeds):
-        return Calibration(feeds, f"random normal (seed {seed}): {shapes}", RANDOM_FLOAT_WARNING)
-    return Calibration(feeds, f"random tokens (seed {seed}): {shapes}", RANDOM_WARNING)
+    return Calibration(feeds, f"random normal (seed {seed}): {shapes}", RANDOM_FLOAT_WARNING)
 
 
-def calibration_for(model: onnx.ModelProto, inputs=None, *, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
+def cache_hints(model: onnx.ModelProto, model_path: Path | None = None) -> dict[str, int]:
+    """Sizes of KV-cache dimensions the graph leaves dynamic: from an onnxruntime-genai config beside the model,
+    else from a GroupQueryAttention's attributes and its packed QKV projection ([d, (heads + 2 kv_heads) x head])."""
+    if model_path is not None:
+        from passes.genai import genai_folder
+        folder = genai_folder(Path(model_path))
+        if folder is not None:
+            return {k: int(folder.decoder[k]) for k in ("head_size", "num_key_value_heads")
+                    if isinstance(folder.decoder.get(k), int)}
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or (len(node.input) > 1 and node.input[1]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        heads, kv = attrs.get("num_heads"), attrs.get("kv_num_heads")
+        qkv = producer.get(node.input[0])
+        weight = inits.get(qkv.input[1]) if qkv is not None and qkv.op_type == "MatMul" else None
+        if heads and kv and weight is not None and len(weight.dims) == 2 and weight.dims[1] % (heads + 2 * kv) == 0:
+            return {"head_size": int(weight.dims[1] // (heads + 2 * kv)), "num_key_value_heads": int(kv)}
+    return {}
+
+
+def calibration_for(model, inputs=None, *, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
                     seed: int = DEFAULT_SEED, warn: bool = True) -> Calibration:
-    """Calibration inputs for `model`: `inputs` is a path (npz / polygraphy JSON), a dict of arrays, a
-    Calibration, or None (random; the warning goes to stderr when `warn`)."""
+    """Calibration inputs for `model` (a passes.onnx_io.LoadedModel, or an onnx ModelProto): `inputs` is a path
+    (see load_calibration), a dict of arrays, a Calibration, or None (random; the warning goes to stderr when
+    `warn`)."""
+    proto = getattr(model, "proto", model)
+    hints = cache_hints(proto, getattr(model, "path", None))
+    vocab = vocab_sizes(proto)
     if isinstance(inputs, Calibration):
-        return Calibration(check_inputs(inputs.feeds, model, vocab_sizes(model), where=inputs.source),
+        return Calibration(check_inputs(inputs.feeds, proto, vocab, where=inputs.source),
                            inputs.source, inputs.warning, list(inputs.notes))
     if isinstance(inputs, Mapping):
-        return Calibration(check_inputs(inputs, model, vocab_sizes(model)), "arrays given by the caller")
+        return Calibration(check_inputs(inputs, proto, vocab), "arrays given by the caller")
     if inputs is not None:
-        return load_calibration(inputs, model, vocab_sizes(model))
-    calib = random_inputs(model, vocab_sizes(model), batch=batch, seq=seq, seed=seed)
+        return load_calibration(inputs, proto, vocab, hints)
+    calib = random_inputs(proto, vocab, batch=batch, seq=seq, seed=seed, hints=hints)
     if warn and calib.warning:
         print(f"warning: {calib.warning}", file=sys.stderr)
     return calib

@@ -16,12 +16,15 @@ from pathlib import Path
 
 from passes.chains import find_chains
 from passes.errors import fail, run_cli
+from passes.genai import genai_folder, side_files
 from passes.graph import GraphIndex
 from passes.match import match_ffn_blocks
 from passes.onnx_io import load_model, save_model
 from passes.plan import Group, check_groups, paper_rule, parse_groups
-from passes.report import count, span, structure_record, table
-from passes.plan_auto import add_cli_arguments, change_summary, measure_change, plan_for_cli
+from passes.ranges import spans
+from passes.report import count, structure_record, table
+from passes.change import change_summary, measure_change
+from passes.plan_auto import add_cli_arguments, plan_for_cli
 from passes.rewrite import fuse_groups, group_prefixes
 
 
@@ -58,7 +61,10 @@ def fuse_file(model_path: str | Path, out_path: str | Path, *, groups: list[Grou
     output = fuse_groups(model, found.blocks, groups, merge_gate_up=merge_gate_up)
     after_blocks = match_ffn_blocks(output.proto).blocks
     protected = {model_path} | model.external_files
-    save_model(output, out_path, external=external, protected=protected, reference=model_path)
+    folder = genai_folder(model_path)
+    genai_files = side_files(folder, out_path.name, None, skip=protected) \
+        if folder is not None and out_path.resolve().parent != folder.folder.resolve() else None
+    save_model(output, out_path, external=external, protected=protected, reference=model_path, extra_files=genai_files)
 
     report = {
         "tool": "passes.fuse",
@@ -87,7 +93,7 @@ def summary(report: dict) -> str:
     if blocks:
         lines.append(f"  FFN blocks found: {len(blocks)} (hidden {blocks[0]['hidden_size']}, widths {', '.join(map(str, widths))}, "
                      f"{blocks[0]['dtype'].lower()})")
-        lines.append(f"  chains: {' '.join('[' + span(c) + ']' for c in chains)}")
+        lines.append(f"  chains: {' '.join('[' + spans(c) + ']' for c in chains)}")
     else:
         lines.append("  FFN blocks found: 0")
     if report["rejections"]:

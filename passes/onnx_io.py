@@ -140,12 +140,14 @@ def initializer_map(model: onnx.ModelProto) -> dict[str, TensorProto]:
 # ---------------------------------------------------------------- saving
 
 def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bool | None = None,
-               protected: set[Path] = frozenset(), verify: bool = True, reference: Path | None = None) -> Path:
+               protected: set[Path] = frozenset(), verify: bool = True, reference: Path | None = None,
+               extra_files: dict[str, bytes | Path] | None = None) -> Path:
     """Write `output` to out_path atomically: temp folder beside it, verify, rename.
 
     external=None writes external data when the tensors exceed the protobuf limit or any input tensor was
     external. `protected` files (the input and its data) are never written. `reference` is the input model,
-    used to tell a verification failure we caused from one the input already had.
+    used to tell a verification failure we caused from one the input already had. `extra_files` (name: bytes,
+    or a file to copy) go beside the model, renamed into place after verification and before the model.
     """
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
@@ -170,10 +172,18 @@ def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bo
             _inline_all(proto, output)
         with open(tmp_model, "wb") as f:
             f.write(proto.SerializeToString(deterministic=True))
+        extras = {name: content for name, content in (extra_files or {}).items() if name not in (out_path.name, data_name)}
+        for name, content in extras.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp_dir / name)
+            else:
+                (tmp_dir / name).write_bytes(content)
         if verify:
             verify_model(tmp_model, reference)
         if external:
             os.replace(tmp_dir / data_name, out_path.with_name(data_name))
+        for name in extras:
+            os.replace(tmp_dir / name, out_path.with_name(name))
         os.replace(tmp_model, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from passes.chains import Chain
 from passes.errors import fail
 from passes.match import FFNBlock
+from passes.ranges import parse_ranges
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,11 @@ class Group:
 
 
 def parse_groups(spec: str) -> list[Group]:
-    """'2-5,7-9' -> [Group(2, 5), Group(7, 9)]; malformed specs are a UserError."""
+    """'2-5,7-9' -> [Group(2, 5), Group(7, 9)]; malformed specs and single blocks are a UserError."""
     groups = []
-    for part in spec.split(","):
-        part = part.strip()
-        pieces = part.split("-")
-        if len(pieces) != 2 or not all(p.strip().isdecimal() for p in pieces):
-            fail(f"malformed group '{part}' in --groups '{spec}': expected FIRST-LAST with 0-based ordinals, e.g. 2-5,7-9")
-        first, last = (int(p) for p in pieces)
-        if last <= first:
-            fail(f"group '{part}' must span at least two blocks (FIRST < LAST)")
+    for first, last in parse_ranges(spec, "--groups", "2-5,7-9"):
+        if last == first:
+            fail(f"group '{first}' in --groups must span at least two blocks (FIRST-LAST with FIRST < LAST)")
         groups.append(Group(first, last))
     return groups
 

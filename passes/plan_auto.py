@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from passes.analysis import Metrics, compute_metrics
 from passes.calibration import Calibration, calibration_for
@@ -28,7 +26,7 @@ from passes.chains import Chain, find_chains
 from passes.errors import fail
 from passes.graph import GraphIndex
 from passes.match import FFNBlock, match_ffn_blocks
-from passes.onnx_io import load_model, ort_session
+from passes.onnx_io import load_model
 from passes.plan import Group
 
 # Default for --threshold. Measured (fuse one group, compare next-token distributions on held-out inputs):
@@ -161,70 +159,6 @@ def auto_plan(model_path: str | os.PathLike, inputs=None, threshold: float = DEF
     record.update(inputs=calib.record(), groups=[[g.first, g.last] for g in groups],
                   candidates=[c.record() for c in candidates], **metrics.record())
     return groups, record
-
-
-def measure_change(original_path: str | os.PathLike, fused_path: str | os.PathLike, inputs=None) -> dict:
-    """Run both models on the same calibration inputs (see auto_plan for `inputs`) and compare every output:
-    relative error |a - b| / |a| (Frobenius, float64) and max abs error; for an output named 'logits' (last axis
-    = vocabulary) also mean over tokens of KL(p_original || p_fused) of the softmax and top-1 agreement."""
-    original, fused = load_model(original_path), load_model(fused_path)
-    calib = calibration_for(original.proto, inputs)
-    calib_fused = calibration_for(fused.proto, calib)
-    del calib_fused   # only validates that the fused model takes the same inputs
-    results = []
-    for path in (original.path, fused.path):
-        session = ort_session(Path(path))
-        names = [o.name for o in session.get_outputs()]
-        results.append(dict(zip(names, session.run(None, calib.feeds))))
-        del session
-    a_out, b_out = results
-    common = [n for n in a_out if n in b_out]
-    if not common:
-        fail(f"{fused_path} has none of the outputs of {original_path} ({', '.join(a_out)})")
-    record: dict = {"inputs": calib.record(), "outputs": {}}
-    for name in common:
-        a = np.asarray(a_out[name], dtype=np.float64)
-        b = np.asarray(b_out[name], dtype=np.float64)
-        if a.shape != b.shape:
-            record["outputs"][name] = {"error": f"shape {list(a.shape)} vs {list(b.shape)}"}
-            continue
-        denom = float(np.linalg.norm(a))
-        rec = {"relative_error": float(np.linalg.norm(a - b) / denom) if denom else float(np.linalg.norm(a - b)),
-               "max_abs_error": float(np.max(np.abs(a - b))) if a.size else 0.0}
-        if name == "logits" and a.ndim >= 2 and a.shape[-1] > 1:
-            kl, top1 = next_token_agreement(a, b)
-            rec.update(kl=kl, top1_agreement=top1)
-            record["kl"], record["top1_agreement"] = kl, top1
-        record["outputs"][name] = rec
-    record["relative_error"] = max((r.get("relative_error", float("inf")) for r in record["outputs"].values()), default=None)
-    return record
-
-
-def next_token_agreement(logits_a: np.ndarray, logits_b: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
-    """Mean over tokens of KL(softmax(a) || softmax(b)) (nats) and the fraction of tokens with equal argmax."""
-    a = logits_a.reshape(-1, logits_a.shape[-1])
-    b = logits_b.reshape(-1, logits_b.shape[-1])
-    kl_sum, agree = 0.0, 0
-    for s in range(0, a.shape[0], chunk):
-        la = _log_softmax(a[s:s + chunk].astype(np.float64))
-        lb = _log_softmax(b[s:s + chunk].astype(np.float64))
-        kl_sum += float(np.sum(np.exp(la) * (la - lb)))
-        agree += int(np.sum(np.argmax(la, -1) == np.argmax(lb, -1)))
-    return kl_sum / a.shape[0], agree / a.shape[0]
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def change_summary(change: dict) -> str:
-    """One or two lines for the fuse CLI."""
-    parts = [f"relative output error {change['relative_error']:.3g}"] if change.get("relative_error") is not None else []
-    if "kl" in change:
-        parts.append(f"next-token KL {change['kl']:.4g} nats, top-1 agreement {change['top1_agreement']:.1%}")
-    tokens = change["inputs"]["tokens"]
-    return f"  change on {tokens} calibration tokens: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- the fuse CLI's --plan auto

@@ -105,3 +105,25 @@ def plot_blocks(metrics: Metrics, chains: Sequence[Chain], path: str | os.PathLi
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def plot_ranking(ranking: list[dict], path: str | os.PathLike, title: str) -> Path:
+    """Per layer: KL when its sublayer alone is removed (bars, log scale) and cosdist(x, x') (line); the legend
+    sits below the axes, where it hides no data."""
+    plt = _pyplot()
+    layers = [r["layer"] for r in ranking]
+    fig, ax = plt.subplots(figsize=(max(6.0, len(layers) * 0.25), 4.5))
+    bars = ax.bar(layers, [r["kl_removed_alone"] for r in ranking], color="tab:red", label="KL when removed alone")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("next-token KL (nats)")
+    twin = ax.twinx()
+    line, = twin.plot(layers, [r["cosdist"] for r in ranking], "ko-", markersize=3, label="cosdist(x, x')")
+    twin.set_ylabel("cosine distance")
+    ax.set_title(title, fontsize=9)
+    fig.legend(handles=[bars, line], loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return path

@@ -48,11 +48,6 @@ def block_record(block: FFNBlock) -> dict:
     }
 
 
-def span(ordinals) -> str:
-    ordinals = list(ordinals)
-    return f"{ordinals[0]}" if len(ordinals) == 1 else f"{ordinals[0]}-{ordinals[-1]}"
-
-
 def structure_record(blocks: list[FFNBlock], chains: list[Chain], rejections: list[Rejection]) -> dict:
     return {
         "ffn_blocks": [block_record(b) for b in blocks],

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from passes.builder import NodeBuilder
 from passes.errors import fail
 from passes.graph import default_opset, drop_unused, live_nodes
 from passes.match import FFNBlock, WeightRef
@@ -131,18 +132,9 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
     x = members[0].residual_in
     T = members[0].data_type
     m_total = sum(b.width for b in members)
-    nodes: list[onnx.NodeProto] = []
-    small: list[TensorProto] = []
+    build = NodeBuilder(prefix)
+    node, const = build.node, build.const
     new: dict[str, NewTensor] = {}
-
-    def node(op, inputs, name, **attrs):
-        out = f"{prefix}/{name}_output_0"
-        nodes.append(helper.make_node(op, inputs, [out], name=f"{prefix}/{name}", **attrs))
-        return out
-
-    def const(name, array):
-        small.append(numpy_helper.from_array(array, f"{prefix}/{name}"))
-        return small[-1].name
 
     def linear(input_, name, weight: NewTensor, bias: NewTensor | None):
         new[weight.name] = weight
@@ -152,18 +144,9 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
             out = node("Add", [out, bias.name], f"{name}/Add")
         return out
 
-    # h = n(x), RMSNorm in float32 with a unit gain (each block's gain is folded into its weights)
-    xf = node("Cast", [x], "norm/Cast", to=TensorProto.FLOAT) if T != TensorProto.FLOAT else x
-    sq = node("Pow", [xf, const("norm/two", np.array(2.0, np.float32))], "norm/Pow")
-    if opset >= 18:
-        ms = node("ReduceMean", [sq, const("norm/axes", np.array([-1], np.int64))], "norm/ReduceMean", keepdims=1)
-    else:
-        ms = node("ReduceMean", [sq], "norm/ReduceMean", axes=[-1], keepdims=1)
-    var = node("Add", [ms, const("norm/eps", np.array(members[0].norm.eps, np.float32))], "norm/Add")
-    n = node("Div", [xf, node("Sqrt", [var], "norm/Sqrt")], "norm/Div")
-    n = node("Cast", [n], "norm/Cast_1", to=T) if T != TensorProto.FLOAT else n
-    unit = const("norm/weight", np.ones(members[0].hidden_size, np_dtype(T)))
-    h = node("Mul", [n, unit], "norm/Mul")
+    # h = n(x) with a unit gain (each block's gain is folded into its weights)
+    n = build.rms_normalized(x, members[0].norm.eps, T, opset)
+    h = node("Mul", [n, const("norm/weight", np.ones(members[0].hidden_size, np_dtype(T)))], "norm/Mul")
 
     if merge_gate_up:
         gate_up = linear(h, "gate_up", _gate_up_tensor(f"{prefix}/gate_up.weight", members, weights, ("gate", "up")),
@@ -174,7 +157,7 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
                                      [gate, up], name=f"{prefix}/gate_up/Split", axis=-1)
         else:
             split = helper.make_node("Split", [gate_up], [gate, up], name=f"{prefix}/gate_up/Split", axis=-1, split=[m_total, m_total])
-        nodes.append(split)
+        build.nodes.append(split)
     else:
         gate = linear(h, "gate", _gate_up_tensor(f"{prefix}/gate.weight", members, weights, ("gate",)),
                       _bias_tensor(f"{prefix}/gate.bias", members, weights, ("gate",)))
@@ -184,7 +167,7 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
     act = node("Mul", [silu, up], "act/Mul_1")
     y = linear(act, "down", _down_tensor(f"{prefix}/down.weight", members, weights),
                _bias_tensor(f"{prefix}/down.bias", members, weights, ("down",)))
-    return nodes, small, new, y
+    return build.nodes, build.initializers, new, y
 
 
 def group_prefixes(graph: onnx.GraphProto, groups: list[Group]) -> dict[Group, str]:

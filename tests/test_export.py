@@ -101,9 +101,15 @@ def test_cli_exports_nemotron_folder_with_summary(tmp_path):
 
 
 def test_smollm2_gguf_fp32(tmp_path):
+    """The real SmolLM2 (tied embeddings): logits as torch's, and the 49152 x 576 table stored once (the lm_head
+    reads its Transpose), so the weights are the model's parameter count, not 28 M more."""
     model = load_model("smollm2")
     path = export_onnx(model, tmp_path / "smollm2.onnx", "fp32")
     assert_matches(path, model, 1e-5, shapes=[(1, 24)])
+    graph = onnx.load(str(path), load_external_data=False).graph
+    stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    assert stored == pytest.approx(model.num_parameters(), abs=10_000)
+    assert [n.op_type for n in graph.node if n.name.startswith("/lm_head/")] == ["Transpose", "MatMul"]
 
 
 def test_external_data(tmp_path, monkeypatch):

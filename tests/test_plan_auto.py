@@ -13,7 +13,8 @@ from passes.chains import Chain
 from passes.errors import UserError
 from passes.fuse import fuse_file
 from passes.plan import Group, paper_rule
-from passes.plan_auto import auto_plan, measure_change, next_token_agreement, plan_from_metrics
+from passes.change import measure_change, next_token_agreement
+from passes.plan_auto import auto_plan, plan_from_metrics
 from tests.residual_models import ResidualStack, export, parallel_reference
 from tests.residual_models import TinyLM, export_lm
 from tests.test_analysis import D, VOCAB
@@ -162,7 +163,7 @@ def test_measure_change_language_model(tmp_path):
 def test_next_token_agreement_against_torch():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((3, 5, 11)), rng.standard_normal((3, 5, 11))
-    kl, top1 = next_token_agreement(a, b, chunk=4)
+    kl, top1 = next_token_agreement(a, b)
     ta, tb = torch.from_numpy(a).reshape(-1, 11), torch.from_numpy(b).reshape(-1, 11)
     want = torch.nn.functional.kl_div(tb.log_softmax(-1), ta.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl == pytest.approx(float(want), rel=1e-10)

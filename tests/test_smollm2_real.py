@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from exporters.export import export_onnx
 from models import load_model, load_tokenizer, smollm2_gguf_path
-from passes.drop_attention import find_attention_blocks, main as drop_main
+from passes.drop_attention import main as drop_main
+from passes.stream import find_stream
 from passes.fuse import main as fuse_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +235,7 @@ def test_drop_attention_leaves_other_layers_untouched(exported, dropped):
     assert set(old) - set(new) == attention_weights
     for name, tensor in new.items():
         assert tensor.SerializeToString() == old[name].SerializeToString(), name
-    assert [b.layer for b in find_attention_blocks(after)] == list(range(26))
+    assert [b.layer for b in find_stream(after).attention] == list(range(26))
     assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
 
 
