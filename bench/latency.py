@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON and PNG here")
     parser.add_argument("--label", help="a short label for tables and plots")
     args = parser.parse_args(argv)
+    paths = [Path(args.original), Path(args.fused)]
+    for p in paths:
+        load_model(p)   # missing or corrupt files, external data outside the model's folder: exit 2 before any work
 
     if args.provider == "cuda":
         try:
@@ -235,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     if wanted not in available:
         fail(f"provider {args.provider} is not available here (available: {', '.join(available)}); "
              f"for cuda install onnxruntime-gpu on a machine with an NVIDIA GPU")
-    paths = [Path(args.original), Path(args.fused)]
-    for p in paths:
-        load_model(p)   # clear errors for missing or corrupt files
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
         batches = [int(b) for b in args.batch.split(",")]

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from passes.errors import run_cli
+from passes.onnx_io import load_model
 from passes.report import table
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
+    load_model(args.model)   # refuses unreadable models and external data outside the model's folder
     if args.provider == "cuda":
         import torch  # noqa: F401  (CUDA libraries for onnxruntime-gpu)
     import onnxruntime as ort

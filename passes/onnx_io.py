@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,8 +38,8 @@ class LoadedModel:
 
     @property
     def external_files(self) -> set[Path]:
-        return {(self.base_dir / _external_info(t)["location"]).resolve()
-                for t in self.proto.graph.initializer if _is_external(t)}
+        """The resolved data files of every external tensor (checked when the model was loaded)."""
+        return {external_ref(t, self.base_dir).path for t, _ in all_tensors(self.proto) if _is_external(t)}
 
 
 @dataclass
@@ -66,7 +67,9 @@ class ModelOutput:
 # ---------------------------------------------------------------- loading
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """The graph of an ONNX file, weights left on disk; bad files are a UserError."""
+    """The graph of an ONNX file, weights left on disk; bad files, and external data that `external_ref` refuses
+    for any tensor of the model, are a UserError (so nothing downstream, onnxruntime or TensorRT included, ever
+    reads a file outside the model's folder)."""
     path = Path(path)
     if not path.exists():
         fail(f"{path}: no such file")
@@ -81,30 +84,117 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not any(o.domain in ("", "ai.onnx") for o in proto.opset_import):
         fail(f"{path}: incomplete ONNX model (no opset_import for the default domain; truncated?)")
     model = LoadedModel(proto, path)
-    for tensor in proto.graph.initializer:
+    for tensor, where in all_tensors(proto):
         if _is_external(tensor):
-            info = _external_info(tensor)
-            data = (model.base_dir / info.get("location", "")).resolve()
-            need = int(info.get("offset", 0)) + _external_length(tensor, info)
-            if not info.get("location") or not data.is_file():
-                fail(f"{path}: external data '{info.get('location')}' of tensor '{tensor.name}' is missing")
-            if data.stat().st_size < need:
-                fail(f"{path}: external data '{info['location']}' is truncated (tensor '{tensor.name}' needs {need} bytes, file has {data.stat().st_size})")
+            external_ref(tensor, model.base_dir, f"{path}: {where}")
     return model
+
+
+def all_tensors(model: onnx.ModelProto):
+    """(TensorProto, where) for every tensor stored in the model: initializers, sparse initializers, tensor
+    attributes of nodes (Constant values and others), in the main graph, in subgraphs and in functions."""
+    def graph_tensors(graph: onnx.GraphProto, scope: str):
+        for tensor in graph.initializer:
+            yield tensor, f"{scope}initializer '{tensor.name}'"
+        for sparse in graph.sparse_initializer:
+            yield sparse.values, f"{scope}sparse initializer '{sparse.values.name}'"
+            yield sparse.indices, f"{scope}sparse initializer '{sparse.values.name}' (indices)"
+        yield from node_tensors(graph.node, scope)
+
+    def node_tensors(nodes, scope: str):
+        for node in nodes:
+            label = f"{scope}node '{node.name or node.op_type}'"
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t, f"{label} attribute '{attr.name}'"
+                for tensor in attr.tensors:
+                    yield tensor, f"{label} attribute '{attr.name}'"
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor.values, f"{label} attribute '{attr.name}'"
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g, f"{label} subgraph: ")
+                for sub in attr.graphs:
+                    yield from graph_tensors(sub, f"{label} subgraph: ")
+
+    yield from graph_tensors(model.graph, "")
+    for function in model.functions:
+        yield from node_tensors(function.node, f"function '{function.name}' ")
 
 
 def _is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
 
 
-def _external_info(tensor: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where an external tensor's bytes are: a regular file inside the model's folder, read at [offset, offset +
+    length), length = the tensor's size from its shape and type."""
+    path: Path
+    offset: int
+    length: int
 
 
-def _external_length(tensor: TensorProto, info: dict[str, str]) -> int:
-    if "length" in info:
-        return int(info["length"])
-    return tensor_nbytes(tensor)
+def external_ref(tensor: TensorProto, base_dir: Path, where: str | None = None) -> ExternalRef:
+    """The one place that resolves external data, for every tool. Refused (UserError naming the tensor): a
+    location that is empty, absolute, a symbolic link, or that leaves the model's folder once `..` and linked
+    folders are resolved; a data file that is missing, or not a regular file (a folder, device, fifo, socket);
+    duplicate keys; an offset or length that is not a plain non-negative integer; a length that does not match
+    the tensor's shape and type; a range that ends past the end of the file. Nothing is read or mapped here."""
+    where = where or f"tensor '{tensor.name}'"
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key in entries:
+            fail(f"{where}: external data has the key '{entry.key}' twice")
+        entries[entry.key] = entry.value
+    location = entries.get("location", "")
+    if not location or "\0" in location:
+        fail(f"{where}: external data has no location")
+    if os.path.isabs(location) or PureWindowsPath(location).anchor or location.startswith(("/", "\\")):
+        fail(f"{where}: external data location '{location}' is an absolute path; it must be relative to the model's folder")
+    base = Path(os.path.realpath(base_dir))
+    candidate = Path(base_dir) / location
+    if os.path.islink(candidate):
+        fail(f"{where}: external data location '{location}' is a symbolic link; it must be a regular file in the model's folder")
+    resolved = Path(os.path.realpath(candidate))
+    if resolved == base or not resolved.is_relative_to(base):
+        fail(f"{where}: external data location '{location}' leaves the model's folder ({resolved} is outside {base})")
+    try:
+        info = os.stat(resolved)
+    except OSError:
+        fail(f"{where}: external data file '{location}' is missing")
+    if not stat.S_ISREG(info.st_mode):
+        fail(f"{where}: external data '{location}' is not a regular file (a folder, device, fifo or socket)")
+    offset, length = (_non_negative(entries, key, where) for key in ("offset", "length"))
+    expected = _expected_bytes(tensor, where)
+    if length is not None and length != expected:
+        fail(f"{where}: external data length {length} does not match its shape {list(tensor.dims)} and type "
+             f"{TensorProto.DataType.Name(tensor.data_type)} ({expected} bytes)")
+    offset = offset or 0
+    if offset + expected > info.st_size:
+        fail(f"{where}: external data '{location}' ends past the end of the file (offset {offset} + {expected} bytes > "
+             f"{info.st_size} bytes)")
+    return ExternalRef(resolved, offset, expected)
+
+
+def _non_negative(entries: dict[str, str], key: str, where: str) -> int | None:
+    if key not in entries:
+        return None
+    text = entries[key]
+    if not (text.isascii() and text.isdigit()):
+        fail(f"{where}: external data {key} '{text}' is not a non-negative integer")
+    return int(text)
+
+
+def _expected_bytes(tensor: TensorProto, where: str) -> int:
+    try:
+        itemsize = np_dtype(tensor.data_type).itemsize
+    except Exception:
+        itemsize = 0
+    if not itemsize or tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        fail(f"{where}: external data of type {TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in TensorProto.DataType.values() else tensor.data_type} is not supported")
+    if any(d < 0 for d in tensor.dims):
+        fail(f"{where}: negative dimension in shape {list(tensor.dims)}")
+    return int(np.prod(tensor.dims, dtype=object)) * itemsize if tensor.dims else itemsize
 
 
 def np_dtype(data_type: int) -> np.dtype:
@@ -119,18 +209,16 @@ def tensor_array(tensor: TensorProto, base_dir: Path, mmap: bool = True) -> np.n
     """The values of an initializer; external tensors come back memory-mapped (read lazily, read-only)."""
     if not _is_external(tensor):
         return numpy_helper.to_array(tensor)
-    info = _external_info(tensor)
+    ref = external_ref(tensor, base_dir)
     shape = tuple(tensor.dims)
     dtype = np_dtype(tensor.data_type)
-    path = base_dir / info["location"]
-    offset = int(info.get("offset", 0))
     if int(np.prod(shape, dtype=np.int64)) == 0:
         return np.zeros(shape, dtype)
     if mmap:
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return np.frombuffer(f.read(_external_length(tensor, info)), dtype=dtype).reshape(shape)
+        return np.memmap(ref.path, dtype=dtype, mode="r", offset=ref.offset, shape=shape)
+    with open(ref.path, "rb") as f:
+        f.seek(ref.offset)
+        return np.frombuffer(f.read(ref.length), dtype=dtype).reshape(shape)
 
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, TensorProto]:
@@ -152,8 +240,9 @@ def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bo
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
     for target in (out_path, out_path.with_name(data_name)):
-        if target.resolve() in {p.resolve() for p in protected}:
-            fail(f"output {target} would overwrite the input model or its external data; choose another -o")
+        if _aliases(target, protected):
+            fail(f"output {target} is the input model or its external data (the same path, a link to it or a hard "
+                 f"link of it); the input is never modified, choose another -o")
     if not out_path.parent.is_dir():
         fail(f"output folder {out_path.parent} does not exist")
     proto = onnx.ModelProto()
@@ -188,6 +277,21 @@ def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bo
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_path
+
+
+def _aliases(target: Path, protected) -> bool:
+    """Whether writing `target` could touch a protected file: same resolved path, or the same file (hard link)."""
+    resolved = target.resolve()
+    for path in protected:
+        path = Path(path)
+        if resolved == path.resolve():
+            return True
+        try:
+            if target.exists() and path.exists() and os.path.samefile(target, path):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _output_nbytes(tensor: TensorProto, output: ModelOutput) -> int:
@@ -227,8 +331,8 @@ def _write_external(proto: onnx.ModelProto, output: ModelOutput, data_path: Path
                 for chunk in new.chunks():
                     dst.write(np.ascontiguousarray(chunk, dtype=np_dtype(new.data_type)).tobytes())
             elif _is_external(tensor):
-                info = _external_info(tensor)
-                _copy_range(output.source_dir / info["location"], int(info.get("offset", 0)), nbytes, dst)
+                ref = external_ref(tensor, output.source_dir)
+                _copy_range(ref.path, ref.offset, nbytes, dst)
             else:
                 dst.write(np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes())
             written = dst.tell() - offset
