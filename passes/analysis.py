@@ -39,7 +39,7 @@ from passes.chains import Chain, find_chains
 from passes.errors import fail
 from passes.graph import GraphIndex
 from passes.match import FFNBlock, match_ffn_blocks
-from passes.onnx_io import LoadedModel, load_model, ort_session
+from passes.onnx_io import LoadedModel, load_model, ort_session, run_session
 from passes.ranges import expand, parse_ranges
 
 COST_DEFINITION = ("forward_pass_equivalents = sum over runs of the weight-MatMul FLOPs executed (MatMul/Gemm/MatMulNBits "
@@ -414,7 +414,7 @@ class SuffixRuns:
         values = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
                   for name, value in feeds.items()}
         try:
-            results = session.run_with_ort_values(names, values)
+            results = run_session(session, names, values, ort_values=True)
         except Exception as exc:
             _explain_ort_failure(exc)
             raise

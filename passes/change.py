@@ -9,14 +9,12 @@ in float64), top-1 agreement, and with the input ids the perplexity of both mode
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 from passes.calibration import calibration_for
 from passes.errors import fail
-from passes.onnx_io import load_model, ort_session
+from passes.onnx_io import LoadedModel, load_model, ort_session, run_session
 
 TOKEN_CHUNK = 256      # next-token metrics are computed this many tokens at a time (vocab-sized float64 rows)
 
@@ -92,21 +90,22 @@ def logits_output(names: list[str]) -> str:
     return "logits" if "logits" in names else names[0]
 
 
-def measure_change(original_path: str | os.PathLike, fused_path: str | os.PathLike, inputs=None) -> dict:
-    """Run both models on the same calibration inputs (see auto_plan for `inputs`) and compare every output:
-    relative error |a - b| / |a| (Frobenius, float64) and max abs error; for an output named 'logits' (last axis
-    = vocabulary) also mean over tokens of KL(p_original || p_fused) of the softmax and top-1 agreement."""
-    original, fused = load_model(original_path), load_model(fused_path)
-    calib = calibration_for(original.proto, inputs)
-    calib_fused = calibration_for(fused.proto, calib)
-    del calib_fused   # only validates that the fused model takes the same inputs
+def measure_change(original, changed, inputs=None) -> dict:
+    """Run both models (LoadedModel or path) on the same calibration inputs (see calibration.calibration_for) and
+    compare every output: relative error |a - b| / |a| (Frobenius, float64) and max abs error; for an output named
+    'logits' also the mean KL(p_original || p_changed) of the next-token distributions and top-1 agreement."""
+    original = original if isinstance(original, LoadedModel) else load_model(original)
+    changed = changed if isinstance(changed, LoadedModel) else load_model(changed)
+    calib = calibration_for(original, inputs)
+    calibration_for(changed, calib)        # the changed model must take the same inputs
     results = []
-    for path in (original.path, fused.path):
-        session = ort_session(Path(path))
+    for model in (original, changed):
+        session = ort_session(model.path)
         names = [o.name for o in session.get_outputs()]
-        results.append(dict(zip(names, session.run(None, calib.feeds))))
+        results.append(dict(zip(names, run_session(session, None, calib.feeds))))
         del session
     a_out, b_out = results
+    original_path, fused_path = original.path, changed.path
     common = [n for n in a_out if n in b_out]
     if not common:
         fail(f"{fused_path} has none of the outputs of {original_path} ({', '.join(a_out)})")

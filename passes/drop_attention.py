@@ -20,7 +20,7 @@ from passes.calibration import calibration_for
 from passes.drop import drop_sublayers
 from passes.errors import fail, run_cli
 from passes.genai import genai_folder, renumber_caches, side_files
-from passes.onnx_io import load_model, save_model
+from passes.onnx_io import check_not_input, load_model, save_model
 from passes.outputs import check_output, write_json
 from passes.ranges import expand, parse_ranges, spans
 from passes.ranking import rank_sublayers
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if path:
             check_output(Path(path), what, model_path, suffix=".png" if what == "plot" else None)
     model = load_model(model_path)
+    if args.output:
+        check_not_input(Path(args.output), {model.path} | model.external_files)
     stream = find_stream(model.proto)
     attention = stream.attention
     if not attention:

@@ -1,6 +1,7 @@
 """User-facing errors: one clear line on stderr, exit code 2, never a traceback."""
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -13,11 +14,18 @@ def fail(message: str) -> NoReturn:
     raise UserError(message)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
-    """Run a CLI entry point: UserError -> 'error: ...' on stderr and exit 2; otherwise exit with main's code.
+    """Run a CLI entry point: UserError -> 'error: ...' on stderr and exit 2; SIGINT or SIGTERM -> 'error:
+    interrupted' and exit 130, after every temporary file is removed (the outputs' `finally` blocks run: SIGTERM
+    is turned into the same KeyboardInterrupt as SIGINT); otherwise exit with main's code.
 
     argparse usage errors already exit 2. Anything else propagates: a traceback means a bug.
     """
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main(argv)
     except UserError as exc:

@@ -3,93 +3,34 @@
 match -> chains -> (analysis) -> plan -> rewrite -> verify. Plans: --groups (explicit ordinals); the paper's
 rule (default): every chain of at least 3 FFN blocks is fused except its last block, in groups of at most
 --max-group blocks; --plan auto: groups inside chains whose pairwise dependency M stays under --threshold,
-measured on --inputs. With --inputs, the change of the model's outputs is measured and reported.
+measured on --inputs. With --inputs, the change of the model's outputs is measured on the written model before
+it is put in place, and reported. Nothing to fuse: no model is written (unless --write-unchanged).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from passes.chains import find_chains
-from passes.errors import fail, run_cli
-from passes.genai import genai_folder, side_files
-from passes.graph import GraphIndex
-from passes.match import match_ffn_blocks
-from passes.onnx_io import load_model, save_model
-from passes.plan import Group, check_groups, paper_rule, parse_groups
-from passes.ranges import spans
-from passes.report import count, structure_record, table
+from passes.calibration import calibration_for
 from passes.change import change_summary, measure_change
-from passes.plan_auto import add_cli_arguments, plan_for_cli
-from passes.rewrite import fuse_groups, group_prefixes
+from passes.errors import fail, run_cli
+from passes.fusion import fuse_model, write_fused
+from passes.onnx_io import check_not_input, load_model
+from passes.outputs import Staging, check_output
+from passes.plan import paper_rule, parse_groups
+from passes.plan_auto import DEFAULT_THRESHOLD, auto_plan
+from passes.ranges import spans
+from passes.report import table
+from passes.structure import ModelStructure, model_structure
 
 
-@dataclass
-class FuseResult:
-    report: dict
-    groups: list[Group] = field(default_factory=list)
-
-
-def fuse_file(model_path: str | Path, out_path: str | Path, *, groups: list[Group] | None = None,
-              max_group: int | None = None, merge_gate_up: bool = False, external: bool | None = None,
-              plan_name: str | None = None, extra: dict | None = None) -> FuseResult:
-    """Fuse `groups` (default: the paper's rule) of the model at model_path and write it to out_path."""
-    start = time.perf_counter()
-    model_path, out_path = Path(model_path), Path(out_path)
-    if out_path.resolve() == model_path.resolve():
-        fail(f"output {out_path} is the input model; the input is never modified, choose another -o")
-    if out_path.is_dir():
-        fail(f"output {out_path} is a folder; -o takes the path of the ONNX file to write")
-    model = load_model(model_path)
-    index = GraphIndex.build(model.proto.graph)
-    found = match_ffn_blocks(model.proto, index)
-    chains = find_chains(found.blocks, index)
-    if groups is None:
-        groups = paper_rule(chains, max_group)
-        plan_name = plan_name or "paper rule"
-    else:
-        plan_name = plan_name or "--groups"
-    check_groups(groups, chains, found.blocks)
-    if max_group is not None and any(len(g) > max_group for g in groups):
-        fail(f"group {next(g for g in groups if len(g) > max_group)} has more than --max-group {max_group} blocks")
-
-    prefixes = group_prefixes(model.proto.graph, groups)
-    output = fuse_groups(model, found.blocks, groups, merge_gate_up=merge_gate_up)
-    after_blocks = match_ffn_blocks(output.proto).blocks
-    protected = {model_path} | model.external_files
-    folder = genai_folder(model_path)
-    genai_files = side_files(folder, out_path.name, None, skip=protected) \
-        if folder is not None and out_path.resolve().parent != folder.folder.resolve() else None
-    save_model(output, out_path, external=external, protected=protected, reference=model_path, extra_files=genai_files)
-
-    report = {
-        "tool": "passes.fuse",
-        "input": str(model_path),
-        "output": str(out_path),
-        "plan": plan_name,
-        "merge_gate_up": merge_gate_up,
-        **structure_record(found.blocks, chains, found.rejections),
-        "groups": [[g.first, g.last] for g in groups],
-        "fused": [{"group": [g.first, g.last], "width": sum(found.blocks[o].width for o in g.ordinals),
-                   "prefix": prefixes[g],
-                   "replaced_nodes": [n for o in g.ordinals for n in found.blocks[o].node_names]} for g in groups],
-        "before": asdict(count(model.proto, found.blocks)),
-        "after": asdict(count(output.proto, after_blocks)),
-        "seconds": round(time.perf_counter() - start, 3),
-        **(extra or {}),
-    }
-    return FuseResult(report, groups)
-
-
-def summary(report: dict) -> str:
+def summary(report: dict, seconds: float) -> str:
     blocks, chains = report["ffn_blocks"], report["chains"]
     before, after = report["before"], report["after"]
     widths = sorted({b["width"] for b in blocks})
-    lines = [f"FFN fusion: {report['input']} -> {report['output']}  ({report['seconds']:.2f} s, plan: {report['plan']})"]
+    lines = [f"FFN fusion: {report['input']} -> {report['output']}  ({seconds:.1f} s, plan: {report['plan']})"]
     if blocks:
         lines.append(f"  FFN blocks found: {len(blocks)} (hidden {blocks[0]['hidden_size']}, widths {', '.join(map(str, widths))}, "
                      f"{blocks[0]['dtype'].lower()})")
@@ -99,11 +40,7 @@ def summary(report: dict) -> str:
     if report["rejections"]:
         lines.append(f"  {len(report['rejections'])} activation(s) did not match an FFN block; first: "
                      f"{report['rejections'][0]['node']}: {report['rejections'][0]['check']}")
-    if report["groups"]:
-        lines.append("  fused: " + ", ".join(f"{f['group'][0]}-{f['group'][1]} -> width {f['width']}" for f in report["fused"]))
-    else:
-        reason = "no FFN blocks" if not blocks else "no chain of 3 or more FFN blocks" if report["plan"] == "paper rule" else "empty plan"
-        lines.append(f"  nothing to fuse ({reason}); the output is the model unchanged")
+    lines.append("  fused: " + ", ".join(f"{f['group'][0]}-{f['group'][1]} -> width {f['width']}" for f in report["fused"]))
     rows = [(key.replace("_", " "), before[key], after[key], after[key] - before[key]) for key in before]
     lines.append(table(rows, header=("", "before", "after", "change")))
     if after["parameters"] != before["parameters"]:
@@ -112,10 +49,40 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
+def why_nothing(structure: ModelStructure, plan: str, auto: dict | None) -> list[str]:
+    """Lines that say why a plan is empty and what to do."""
+    if not structure.blocks:
+        first = structure.rejections[0] if structure.rejections else None
+        return ["  nothing to fuse: no FFN blocks found" + (f" (first rejected: {first.node}: {first.check})" if first else "")]
+    if structure.separated_by_attention:
+        return [f"  nothing to fuse: every FFN block ({len(structure.blocks)}) is separated from the next by attention "
+                f"or another sublayer; run passes.drop_attention first (its --rank says which layers cost least)"]
+    longest = max(len(c) for c in structure.chains)
+    if auto is None:
+        return [f"  nothing to fuse: the paper's rule fuses chains of 3 or more FFN blocks; the longest chain has "
+                f"{longest} ({' '.join('[' + spans(c.ordinals) + ']' for c in structure.chains if len(c) > 1)}); "
+                f"give --groups, or drop more attention"]
+    if auto.get("reason"):
+        return [f"  nothing to fuse: {auto['reason']}"]
+    closest = ", ".join(f"{c['span'][0]}-{c['span'][1]} (M {c['m']:.3g})" for c in auto.get("closest", [])[:3])
+    return [f"  nothing to fuse: no group has every pair with M <= threshold {auto['threshold']:g}; closest: {closest}",
+            "  raise --threshold deliberately (the change is measured and reported), or give --groups"]
+
+
+def _at_least_two(text: str) -> int:
     if not text.isdigit() or int(text) < 2:
         raise argparse.ArgumentTypeError(f"must be an integer >= 2, got '{text}'")
     return int(text)
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,43 +90,89 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="input ONNX model (external data is read in place, never modified)")
     parser.add_argument("-o", "--output", help="output ONNX model (default: MODEL.fused.onnx)")
     parser.add_argument("--groups", help="groups to fuse by FFN ordinal, e.g. 2-5,7-9 (default: the paper's rule)")
-    parser.add_argument("--max-group", type=_positive, help="at most this many blocks per group")
+    parser.add_argument("--plan", choices=("paper", "auto"),
+                        help="paper: every chain of >= 3 blocks but its last block (the default without --groups); "
+                             "auto: measure the dependency matrix M on --inputs and fuse runs whose pairs all have "
+                             "M <= --threshold, the last block of each chain kept")
+    parser.add_argument("--threshold", type=_threshold,
+                        help=f"--plan auto: largest M[i][j] allowed inside a group (default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--inputs", help="calibration inputs (npz, polygraphy JSON or JSON token lists; see bench.inputs) "
+                                         "for --plan auto and to measure the change the fusion makes (default for "
+                                         "--plan auto: random token ids, with a warning)")
+    parser.add_argument("--max-group", type=_at_least_two, help="at most this many blocks per group")
     parser.add_argument("--merge-gate-up", action="store_true", help="one packed gate|up MatMul followed by Split")
     parser.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                         help="auto: external when the input had it or above 1.8 GB")
+    parser.add_argument("--write-unchanged", action="store_true", help="write the output even when nothing is fused")
     parser.add_argument("--report", help="write the JSON report here")
-    add_cli_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
     args = build_parser().parse_args(argv)
-    model = Path(args.model)
-    out = Path(args.output) if args.output else model.with_name(model.name.removesuffix(".onnx") + ".fused.onnx")
+    model_path = Path(args.model)
+    out = Path(args.output) if args.output else model_path.with_name(model_path.name.removesuffix(".onnx") + ".fused.onnx")
+    if args.plan is not None and args.groups is not None:
+        fail("--plan and --groups are exclusive: give the groups, or let --plan choose them")
+    if args.threshold is not None and args.plan != "auto":
+        fail("--threshold only applies to --plan auto")
     groups = parse_groups(args.groups) if args.groups is not None else None
-    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    check_output(out, "output", model_path)
     if args.report:
-        report = Path(args.report)
-        if not report.parent.is_dir():
-            fail(f"report folder {report.parent} does not exist")
-        if report.is_dir():
-            fail(f"report {report} is a folder; --report takes the path of the JSON file to write")
-        clash = {model, out, out.with_name(out.name + ".data")} | load_model(model).external_files
-        if report.resolve() in {p.resolve() for p in clash}:
-            fail(f"report {report} would overwrite the input model, the output or their data; choose another --report")
-    auto_groups, plan_name, plan_extra, calib = plan_for_cli(args, model)
-    if auto_groups is not None:
-        groups = auto_groups
-    result = fuse_file(model, out, groups=groups, max_group=args.max_group, merge_gate_up=args.merge_gate_up,
-                       external=external, plan_name=plan_name,
-                       extra={"command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])], **plan_extra})
-    if calib is not None:
-        result.report["change"] = measure_change(model, out, calib)
-    print(summary(result.report))
-    if calib is not None:
-        print(change_summary(result.report["change"]))
+        check_output(Path(args.report), "report", model_path, out, suffix=None)
+        if Path(args.report).resolve() in (out.resolve(), out.with_name(out.name + ".data").resolve()):
+            fail(f"report {args.report} would overwrite the output model; choose another --report")
+
+    model = load_model(model_path)
+    check_not_input(out, {model.path} | model.external_files)
+    structure = model_structure(model.proto)
+    print(f"fuse: {model_path}: {len(structure.blocks)} FFN blocks, chains "
+          f"{' '.join('[' + spans(c.ordinals) + ']' for c in structure.chains if len(c) > 1) or 'none longer than 1'}",
+          flush=True)
+    calib = calibration_for(model, args.inputs) if args.plan == "auto" or args.inputs is not None else None
+    auto = None
+    if args.plan == "auto":
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        groups, auto = auto_plan(model, structure, calib, threshold, args.max_group)
+        plan = f"auto (M <= {threshold:g})"
+    elif groups is None:
+        groups, plan = paper_rule(structure.chains, args.max_group), "paper rule"
+    else:
+        plan = "--groups"
+    report = {"tool": "passes.fuse", "input": str(model_path), "output": str(out), "plan": plan,
+              "command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])],
+              **({"auto_plan": auto} if auto is not None else {})}
+
+    with Staging() as staging:
+        if not groups and not args.write_unchanged:
+            report.update(structure.record(), groups=[], output=None, seconds=round(time.perf_counter() - start, 3))
+            for line in why_nothing(structure, plan, auto):
+                print(line)
+            print("  no model written (nothing changed; --write-unchanged writes the copy anyway)")
+            if args.report:
+                staging.json(Path(args.report), report)
+                staging.publish()
+                print(f"  report: {args.report}")
+            return 0
+        fusion = fuse_model(model, structure, groups, max_group=args.max_group, merge_gate_up=args.merge_gate_up)
+        report.update(fusion.report)
+        staged = write_fused(model, fusion, out, external={"auto": None, "always": True, "never": False}[args.external_data],
+                             staging=staging)
+        if calib is not None:
+            print(f"  measuring the change on {calib.record()['tokens']} tokens ...", flush=True)
+            report["change"] = measure_change(model, load_model(staged), calib)
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        if args.report:
+            staging.json(Path(args.report), report)
+        staging.publish()
+    print(summary(report, time.perf_counter() - start))
+    if not groups:
+        for line in why_nothing(structure, plan, auto):
+            print(line)
+    if "change" in report:
+        print(change_summary(report["change"]))
     if args.report:
-        Path(args.report).write_text(json.dumps(result.report, indent=2) + "\n")
         print(f"  report: {args.report}")
     print(f"  model: {out}")
     return 0

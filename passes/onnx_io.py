@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterator
@@ -20,11 +19,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.errors import fail
+from passes.outputs import Staging
 
 PROTOBUF_LIMIT = 1_800_000_000     # write external data above this many bytes of tensors (protobuf caps at 2 GiB)
 INLINE_BYTES = 1024                # tensors smaller than this stay inside the protobuf
 ALIGN = 4096                       # external tensors start on page boundaries, so onnxruntime can mmap them
 CHUNK_BYTES = 64 << 20             # rows per chunk when tensors are produced piecewise
+PROGRESS_BYTES = 256 << 20         # writing more than this shows a progress bar (on a terminal)
 
 
 @dataclass
@@ -229,20 +230,19 @@ def initializer_map(model: onnx.ModelProto) -> dict[str, TensorProto]:
 
 def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bool | None = None,
                protected: set[Path] = frozenset(), verify: bool = True, reference: Path | None = None,
-               extra_files: dict[str, bytes | Path] | None = None) -> Path:
-    """Write `output` to out_path atomically: temp folder beside it, verify, rename.
+               extra_files: dict[str, bytes | Path] | None = None, staging: Staging | None = None) -> Path:
+    """Write `output` to out_path atomically: temporary folder beside it, verify, rename.
 
     external=None writes external data when the tensors exceed the protobuf limit or any input tensor was
     external. `protected` files (the input and its data) are never written. `reference` is the input model,
     used to tell a verification failure we caused from one the input already had. `extra_files` (name: bytes,
-    or a file to copy) go beside the model, renamed into place after verification and before the model.
+    or a file to copy) go beside the model. With `staging`, nothing is renamed yet: the verified model lies at
+    the returned temporary path (its data beside it) and staging.publish() puts it in place, after whatever
+    else the caller stages (a report measured on that model, say); without, it is published at once.
     """
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
-    for target in (out_path, out_path.with_name(data_name)):
-        if _aliases(target, protected):
-            fail(f"output {target} is the input model or its external data (the same path, a link to it or a hard "
-                 f"link of it); the input is never modified, choose another -o")
+    check_not_input(out_path, protected)
     if not out_path.parent.is_dir():
         fail(f"output folder {out_path.parent} does not exist")
     proto = onnx.ModelProto()
@@ -252,11 +252,13 @@ def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bo
         external = total > PROTOBUF_LIMIT or any(_is_external(t) for t in output.proto.graph.initializer)
     external = external or total > PROTOBUF_LIMIT
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    own = staging is None
+    staging = staging or Staging()
     try:
+        tmp_dir = staging.folder(out_path)
         tmp_model = tmp_dir / out_path.name
         if external:
-            _write_external(proto, output, tmp_dir / data_name, data_name)
+            _write_external(proto, output, tmp_dir / data_name, data_name, total)
         else:
             _inline_all(proto, output)
         with open(tmp_model, "wb") as f:
@@ -270,13 +272,26 @@ def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bo
         if verify:
             verify_model(tmp_model, reference)
         if external:
-            os.replace(tmp_dir / data_name, out_path.with_name(data_name))
+            staging.add(tmp_dir / data_name, out_path.with_name(data_name))
         for name in extras:
-            os.replace(tmp_dir / name, out_path.with_name(name))
-        os.replace(tmp_model, out_path)
+            staging.add(tmp_dir / name, out_path.with_name(name))
+        staging.add(tmp_model, out_path)
+        if own:
+            staging.publish()
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out_path
+        if own:
+            staging.__exit__(None, None, None)
+    return out_path if own else tmp_model
+
+
+def check_not_input(out_path: Path, protected) -> None:
+    """Refuse (UserError) an output whose model or data file (OUT.data) would be one of the `protected` files
+    (an input model and its external data): the same path, a symbolic link to it, or a hard link of it."""
+    out_path = Path(out_path)
+    for target in (out_path, out_path.with_name(out_path.name + ".data")):
+        if _aliases(target, protected):
+            fail(f"output {target} would overwrite the input model or its external data (the same path, a link to it "
+                 f"or a hard link of it); the input is never modified, choose another -o")
 
 
 def _aliases(target: Path, protected) -> bool:
@@ -313,8 +328,10 @@ def _inline_all(proto: onnx.ModelProto, output: ModelOutput) -> None:
             tensor.raw_data = array.tobytes()
 
 
-def _write_external(proto: onnx.ModelProto, output: ModelOutput, data_path: Path, location: str) -> None:
-    with open(data_path, "wb") as dst:
+def _write_external(proto: onnx.ModelProto, output: ModelOutput, data_path: Path, location: str, total: int) -> None:
+    from tqdm import tqdm
+    with open(data_path, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {location}",
+                                            disable=None if total > PROGRESS_BYTES else True, leave=False) as bar:
         for tensor in proto.graph.initializer:
             new = output.new_tensors.get(tensor.name)
             nbytes = _output_nbytes(tensor, output)
@@ -336,6 +353,7 @@ def _write_external(proto: onnx.ModelProto, output: ModelOutput, data_path: Path
             else:
                 dst.write(np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes())
             written = dst.tell() - offset
+            bar.update(written)
             if written != nbytes:
                 raise AssertionError(f"tensor {tensor.name}: wrote {written} bytes, expected {nbytes}")
             for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data", "external_data"):
@@ -384,6 +402,37 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
     else:
         model = str(model)
     return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_session(session, outputs: list[str] | None, feeds: dict, *, ort_values: bool = False):
+    """session.run (or run_with_ort_values) in a worker thread, so that SIGINT / SIGTERM stop even a long run
+    within a moment: the main thread waits, and on an interrupt sets RunOptions.terminate, which onnxruntime
+    checks between nodes, then re-raises."""
+    import threading
+
+    import onnxruntime as ort
+    options = ort.RunOptions()
+    result: dict = {}
+
+    def work():
+        try:
+            run = session.run_with_ort_values if ort_values else session.run
+            result["value"] = run(outputs, feeds, options)
+        except BaseException as exc:   # handed to the main thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+    except KeyboardInterrupt:
+        options.terminate = True
+        worker.join()
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def verify_model(path: Path, reference: Path | None = None) -> None:

@@ -1,8 +1,16 @@
-"""Where the tools write: output paths checked before any work, JSON written atomically with normal permissions."""
+"""Where and how the tools write. Output paths are checked before any work; every output is made under a
+temporary name beside its target and renamed into place only when everything the command promises (model,
+report, measurements, plots) is done, all together, with SIGINT/SIGTERM held back during the renames. An
+interrupted command leaves no output and no temporary file. Files get the usual permissions (0644 under the usual
+umask)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 from passes.errors import fail
@@ -25,12 +33,68 @@ def check_output(path: Path, what: str, *inputs: Path, suffix: str | None = None
             fail(f"{what} {path} would overwrite the input {source}; the input is never modified, choose another file")
 
 
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block ends (then they interrupt as usual)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+class Staging:
+    """Outputs made under temporary names and renamed into place together by `publish()`; whatever is not
+    published (an error, an interrupt) is removed when the `with` block ends."""
+
+    def __init__(self):
+        self.renames: list[tuple[Path, Path]] = []
+        self.folders: list[Path] = []
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for temporary, _ in self.renames:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                temporary.unlink()
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def folder(self, beside: Path) -> Path:
+        """A temporary folder in `beside`'s folder (removed at the end)."""
+        folder = Path(tempfile.mkdtemp(prefix=f".{Path(beside).name}.", dir=Path(beside).parent))
+        self.folders.append(folder)
+        return folder
+
+    def path(self, target: Path) -> Path:
+        """A temporary file beside `target` that publish() renames to `target`."""
+        target = Path(target)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        self.renames.append((temporary, target))
+        return temporary
+
+    def add(self, temporary: Path, target: Path) -> None:
+        """Publish an already written `temporary` file as `target`."""
+        self.renames.append((Path(temporary), Path(target)))
+
+    def json(self, target: Path, data: dict) -> Path:
+        with open(self.path(target), "w") as f:
+            f.write(json.dumps(data, indent=2, default=str) + "\n")
+        return Path(target)
+
+    def publish(self) -> None:
+        """Rename everything into place, in the order it was staged, with SIGINT/SIGTERM held back."""
+        with signals_held():
+            for temporary, target in self.renames:
+                os.replace(temporary, target)
+            self.renames = []
+
+
 def write_json(path: Path, data: dict) -> Path:
-    """Write `data` as indented JSON to `path` through a temporary file in the same folder (mode 0644 under the
-    usual umask, like every other output), then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write one JSON file atomically (see Staging)."""
+    with Staging() as staging:
+        staging.json(path, data)
+        staging.publish()
+    return Path(path)

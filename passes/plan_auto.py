@@ -15,19 +15,18 @@ next-token distributions.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 
 from passes.analysis import Metrics, compute_metrics
-from passes.calibration import Calibration, calibration_for
-from passes.chains import Chain, find_chains
+from passes.calibration import Calibration
+from passes.chains import Chain
 from passes.errors import fail
-from passes.graph import GraphIndex
-from passes.match import FFNBlock, match_ffn_blocks
-from passes.onnx_io import load_model
+from passes.match import FFNBlock
+from passes.onnx_io import LoadedModel
 from passes.plan import Group
+from passes.structure import ModelStructure
 
 # Default for --threshold. Measured (fuse one group, compare next-token distributions on held-out inputs):
 #   SmolLM2-135M with attention removed from layers 25-29 (real weights, pydoc text, 1024 tokens): pairs with
@@ -136,70 +135,24 @@ def fusable_ordinals(chains: Sequence[Chain], keep_last: bool = True) -> list[in
     return out
 
 
-def auto_plan(model_path: str | os.PathLike, inputs=None, threshold: float = DEFAULT_THRESHOLD,
+def auto_plan(model: LoadedModel, structure: ModelStructure, calib: Calibration, threshold: float = DEFAULT_THRESHOLD,
               max_group: int | None = None, keep_last: bool = True, progress: bool = True) -> tuple[list[Group], dict]:
-    """Measure M between blocks of each chain on calibration `inputs` (path to .npz / polygraphy JSON, dict of
-    arrays, a passes.calibration.Calibration, or None for random tokens with a warning) and plan groups with
-    plan_from_metrics. Returns the groups and a JSON-ready record (inputs, metrics, dependency, candidates, cost)."""
-    model = load_model(model_path)
-    index = GraphIndex.build(model.proto.graph)
-    blocks = match_ffn_blocks(model.proto, index).blocks
-    chains = find_chains(blocks, index)
+    """Measure M between blocks of each chain on `calib` and plan groups with plan_from_metrics. Returns the
+    groups and a JSON-ready record (inputs, metrics, dependency, candidates, cost, and `closest`: the pairs of
+    neighbouring blocks with the smallest M, the ones an empty plan was nearest to taking)."""
     record: dict = {"plan": "auto", "threshold": threshold, "max_group": max_group, "keep_last": keep_last,
                     "rule": "greedy left-to-right maximal groups inside chains with every pair M[i][j] <= threshold"}
-    if not blocks:
-        fail(f"{model_path}: no FFN blocks found, nothing to plan")
-    ordinals = fusable_ordinals(chains, keep_last)
+    ordinals = fusable_ordinals(structure.chains, keep_last)
     if not ordinals:
-        record.update(groups=[], candidates=[], reason=f"no chain of {3 if keep_last else 2} or more FFN blocks; nothing to measure")
+        record.update(groups=[], candidates=[], closest=[],
+                      reason=f"no chain of {3 if keep_last else 2} or more FFN blocks; nothing to measure")
         return [], record
-    calib = calibration_for(model.proto, inputs)
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress, blocks=blocks, chains=chains)
-    groups, candidates = plan_from_metrics(chains, metrics, threshold, max_group, keep_last, blocks)
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress,
+                              blocks=structure.blocks, chains=structure.chains)
+    groups, candidates = plan_from_metrics(structure.chains, metrics, threshold, max_group, keep_last, structure.blocks)
+    measured = set(metrics.ordinals)
+    pairs = sorted((metrics.m(i, i + 1), i) for i in metrics.ordinals if i + 1 in measured and metrics.m(i, i + 1) is not None)
     record.update(inputs=calib.record(), groups=[[g.first, g.last] for g in groups],
-                  candidates=[c.record() for c in candidates], **metrics.record())
+                  candidates=[c.record() for c in candidates],
+                  closest=[{"span": [i, i + 1], "m": m} for m, i in pairs[:5]], **metrics.record())
     return groups, record
-
-
-# ---------------------------------------------------------------- the fuse CLI's --plan auto
-
-def _threshold(text: str) -> float:
-    import argparse
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'")
-    return value
-
-
-def add_cli_arguments(parser) -> None:
-    """--plan, --inputs and --threshold for `python -m passes.fuse`."""
-    parser.add_argument("--plan", choices=("paper", "auto"),
-                        help="paper: every chain of >= 3 blocks but its last block (the default without --groups); "
-                             "auto: measure the dependency matrix M on --inputs and fuse runs whose pairs all have "
-                             "M <= --threshold, the last block of each chain kept")
-    parser.add_argument("--inputs", help="calibration inputs, FILE.npz (one array per graph input) or a polygraphy "
-                                         "--save-inputs JSON, for --plan auto and to measure the change the fusion makes "
-                                         "(default for --plan auto: random token ids, with a warning)")
-    parser.add_argument("--threshold", type=_threshold,
-                        help=f"--plan auto: largest M[i][j] allowed inside a group (default {DEFAULT_THRESHOLD})")
-
-
-def plan_for_cli(args, model_path) -> tuple[list[Group] | None, str | None, dict, Calibration | None]:
-    """From parsed fuse arguments: (groups or None, plan name or None, extra report entries, calibration or None).
-    Calibration is loaded (and validated, and the random-tokens warning printed) once, for the plan and for
-    measure_change; it is None when neither --plan auto nor --inputs was given."""
-    if args.plan is not None and args.groups is not None:
-        fail("--plan and --groups are exclusive: give the groups, or let --plan choose them")
-    if args.threshold is not None and args.plan != "auto":
-        fail("--threshold only applies to --plan auto")
-    calib = None
-    if args.plan == "auto" or args.inputs is not None:
-        calib = calibration_for(load_model(model_path).proto, args.inputs)
-    if args.plan != "auto":
-        return None, ("paper rule" if args.plan == "paper" else None), {}, calib
-    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    groups, record = auto_plan(model_path, calib, threshold, args.max_group)
-    return groups, f"auto (M <= {threshold:g})", {"auto_plan": record}, calib

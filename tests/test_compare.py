@@ -17,7 +17,7 @@ import torch
 
 from bench import compare as bc
 from passes.errors import UserError
-from passes.fuse import fuse_file
+from passes.fusion import fuse_file
 from tests.residual_models import ResidualStack, TinyLM, export, export_lm
 
 ROOT = Path(__file__).resolve().parents[1]

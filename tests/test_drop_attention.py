@@ -84,7 +84,7 @@ def test_other_layers_untouched(tiny, tmp_path):
 
 
 def test_dropping_creates_an_ffn_chain_that_fuses(tiny, tmp_path):
-    from passes.fuse import fuse_file
+    from passes.fusion import fuse_file
     _, _, path = tiny
     out = tmp_path / "dropped.onnx"
     assert drop_main([str(path), "-o", str(out), "--layers", "1"]) == 0

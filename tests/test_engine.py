@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from bench import engine as be
 from passes.errors import UserError
-from passes.fuse import fuse_file
+from passes.fusion import fuse_file
 from tests.residual_models import ResidualStack, export
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from passes.fuse import fuse_file
+from passes.fusion import fuse_file
 from passes.fuse import main as fuse_main
 from passes.match import match_ffn_blocks
 from passes.plan import Group

@@ -8,6 +8,7 @@ a subset runs the real command in a subprocess for the exit-code contract.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -81,20 +82,25 @@ def assert_unchanged(original: onnx.ModelProto, out_path, feeds):
         np.testing.assert_array_equal(a, b)
 
 
-# ---------------------------------------------------------------- nothing to fuse: exit 0, model unchanged
+# ---------------------------------------------------------------- nothing to fuse: exit 0, says why, writes nothing
 
 @pytest.mark.parametrize("layout, reason, blocks", [
-    ("FAFAF", "no chain of 3 or more FFN blocks", 3),     # no chain at all
-    ("FFAFF", "no chain of 3 or more FFN blocks", 4),     # chains of 2: the paper rule leaves them alone
-    ("AA", "no FFN blocks", 0),                            # no FFN block anywhere
+    ("FAFAF", "is separated from the next by attention or another sublayer; run passes.drop_attention first", 3),
+    ("FFAFF", "the paper's rule fuses chains of 3 or more FFN blocks; the longest chain has 2", 4),
+    ("AA", "no FFN blocks found", 0),
 ])
 def test_nothing_to_fuse(layout, reason, blocks, workspace, capsys):
     _, path = cached_export(layout, seed=2)
     model = copy_in(path, workspace)
     out = workspace / "out" / "fused.onnx"
-    code, stdout, err = cli([model, "-o", out], capsys)
+    report = workspace / "out" / "r.json"
+    code, stdout, err = cli([model, "-o", out, "--report", report], capsys)
     assert code == 0, err
-    assert f"FFN blocks found: {blocks}" in stdout and f"nothing to fuse ({reason})" in stdout
+    assert f"fuse: {model}: {blocks} FFN blocks" in stdout and reason in stdout
+    assert "no model written" in stdout and not out.exists()
+    assert json.loads(report.read_text())["groups"] == []
+    code, stdout, err = cli([model, "-o", out, "--write-unchanged"], capsys)
+    assert code == 0, err
     assert_unchanged(onnx.load(path), out, {"x": inputs().numpy()})
 
 
@@ -196,8 +202,8 @@ def test_bad_paths(workspace, capsys):
     _, path = cached_export("FFFFF", seed=2)
     model = copy_in(path, workspace)
     out = workspace / "out" / "fused.onnx"
-    assert_refused([model, "-o", model], workspace, capsys, message="is the input model")
-    assert_refused([model, "-o", workspace / "in" / "." / "model.onnx"], workspace, capsys, message="is the input model")
+    assert_refused([model, "-o", model], workspace, capsys, message="would overwrite the input")
+    assert_refused([model, "-o", workspace / "in" / "." / "model.onnx"], workspace, capsys, message="would overwrite the input")
     assert_refused([workspace / "in" / "missing.onnx", "-o", out], workspace, capsys, message="no such file")
     assert_refused([workspace / "in", "-o", out], workspace, capsys, message="not a file")
     assert_refused([model, "-o", workspace / "out" / "nope" / "fused.onnx"], workspace, capsys, message="does not exist")
@@ -255,7 +261,7 @@ def test_external_data_missing_or_truncated(workspace, capsys):
     out = workspace / "out" / "fused.onnx"
     full = data.read_bytes()
     data.write_bytes(full[:len(full) // 2])
-    assert_refused([model, "-o", out], workspace, capsys, message="truncated")
+    assert_refused([model, "-o", out], workspace, capsys, message="ends past the end of the file")
     data.unlink()
     assert_refused([model, "-o", out], workspace, capsys, message="is missing")
 
@@ -292,8 +298,11 @@ def test_exit_codes_in_a_subprocess(workspace):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
         assert list((workspace / "out").iterdir()) == []
     assert tree(workspace / "in") == before
-    # and a model without FFN blocks: exit 0, says so, writes the model
+    # and a model without FFN blocks: exit 0, says so, writes nothing (the copy only when asked)
     _, none = cached_export("AA", seed=2)
     proc = run_fuse_cli(none, "-o", out)
-    assert proc.returncode == 0 and "nothing to fuse (no FFN blocks)" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "nothing to fuse: no FFN blocks found" in proc.stdout, proc.stderr
+    assert not out.exists()
+    proc = run_fuse_cli(none, "-o", out, "--write-unchanged")
+    assert proc.returncode == 0, proc.stderr
     assert_unchanged(onnx.load(none), out, {"x": inputs().numpy()})

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.chains import find_chains
-from passes.fuse import fuse_file
+from passes.fusion import fuse_file
 from passes.graph import GraphIndex
 from passes.match import match_ffn_blocks
 from passes.plan import Group

@@ -11,10 +11,13 @@ from passes.analysis import Cost, Metrics
 from passes.calibration import save_inputs_npz
 from passes.chains import Chain
 from passes.errors import UserError
-from passes.fuse import fuse_file
+from passes.fusion import fuse_file
 from passes.plan import Group, paper_rule
 from passes.change import measure_change, next_token_agreement
+from passes.calibration import calibration_for
+from passes.onnx_io import load_model
 from passes.plan_auto import auto_plan, plan_from_metrics
+from passes.structure import model_structure
 from tests.residual_models import ResidualStack, export, parallel_reference
 from tests.residual_models import TinyLM, export_lm
 from tests.test_analysis import D, VOCAB
@@ -112,18 +115,23 @@ def stack_model(tmp_path_factory):
 
 
 def test_auto_plan_thresholds(stack_model):
-    path, npz = stack_model["path"], stack_model["npz"]
-    groups, record = auto_plan(path, npz, threshold=float("inf"), progress=False)
+    model = load_model(stack_model["path"])
+    structure, calib = model_structure(model.proto), calibration_for(model, stack_model["npz"])
+
+    def plan(threshold, max_group=None):
+        return auto_plan(model, structure, calib, threshold=threshold, max_group=max_group, progress=False)
+
+    groups, record = plan(float("inf"))
     chains = [Chain((0, 1, 2, 3)), Chain((4, 5, 6, 7))]
     assert groups == paper_rule(chains)                       # with no threshold: the paper's rule
     assert record["dependency"]["ordinals"] == [0, 1, 2, 4, 5, 6]   # only blocks that could be fused were measured
     assert record["dependency"]["scope"] == "chains"
     assert record["cost"]["runs"] == 5 and record["inputs"]["shapes"] == {"x": [2, 10, 32]}
-    none, record0 = auto_plan(path, npz, threshold=0.0, progress=False)
+    none, record0 = plan(0.0)
     assert none == [] and all(not c["taken"] for c in record0["candidates"])
     matrix = record["dependency"]["matrix"]
     mid = sorted(v for row in matrix for v in row if v)[len([v for row in matrix for v in row if v]) // 2]
-    groups_mid, record_mid = auto_plan(path, npz, threshold=mid, max_group=2, progress=False)
+    groups_mid, record_mid = plan(mid, max_group=2)
     ordinals = record_mid["dependency"]["ordinals"]
     dense = np.zeros((8, 8))
     for a, i in enumerate(ordinals):
