@@ -28,10 +28,7 @@ Exit codes: 0 within tolerance, 1 not (the failing output and where are printed)
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +37,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from bench.results import result_json
 from passes.calibration import load_calibration, vocab_sizes
 from passes.change import next_token_metrics
 from passes.errors import fail, run_cli
 from passes.onnx_io import load_model
+from passes.outputs import check_output
 
 DEFAULT_SHAPE = (1, 16)
 DEFAULT_SEED = 1
@@ -484,29 +483,6 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, report: dict) -> Path:
-    """{environment, **report} to path, atomically (the environment is bench.results')."""
-    from bench.results import environment
-    path = Path(path)
-    if not path.parent.is_dir():
-        fail(f"folder {path.parent} for --json does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"environment": environment(), **report}, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -531,13 +507,13 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 1:
         fail(f"--min-top1 must be in [0, 1], got {args.min_top1}")
-    if args.json is not None and args.json.suffix != ".json":
-        fail(f"--json {args.json}: give a .json file name")
+    if args.json is not None:
+        check_output(args.json, "--json", args.original, args.fused, suffix=".json")
     report = compare(args.original, args.fused, inputs=args.inputs, shape=args.shape, seed=args.seed,
                      atol=args.atol, rtol=args.rtol, max_kl=args.max_kl, min_top1=args.min_top1, verbose=args.verbose)
     print(format_report(report))
     if args.json is not None:
-        print(f"  json: {write_json(args.json, report)}")
+        print(f"  json: {result_json(args.json, report)}")
     return report["exit_code"]
 
 

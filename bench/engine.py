@@ -1,5 +1,5 @@
 """python -m bench.engine MODEL.onnx -o MODEL.engine [--min 1x1] [--opt 1x128] [--max 8x1024]
-                        [--workspace MIB] [--json OUT.json] [--save-result NAME] [-v]
+                        [--workspace MIB] [--json OUT.json] [-v]
 
 Build a TensorRT engine from an ONNX model with the TensorRT Python API: `import tensorrt` when it is installed
 (an H100/A100 machine with NVIDIA's TensorRT), else TensorRT-RTX (`tensorrt_rtx_bindings`, same API; builds
@@ -11,7 +11,8 @@ ahead of time without a GPU, but its engines do not run on data-center GPUs such
   A parse failure prints the parser's errors (node index, name, operator, message) and exits 2.
 - Every dynamic input gets an optimization profile: dimension 0 (or one named like "batch") takes the batch and
   dimension 1 (or one named like "seq") the sequence from --min/--opt/--max BATCHxSEQ.
-- The serialized engine is written atomically (temporary file beside the output, then rename).
+- Parsing and building run in a child process that Ctrl-C / SIGTERM stop at once (exit 130, nothing written);
+  the serialized engine is written under a temporary name beside the output and renamed when the build is done.
 
 Reported: parse and build time, engine size, and layer counts. `network_layers` is the number of layers of the
 TensorRT network definition after parsing (before the builder's own fusions); it is available everywhere.
@@ -25,17 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from passes.errors import fail, run_cli
-from passes.onnx_io import load_model
+from passes.errors import UserError, fail, run_cli
+from passes.onnx_io import check_not_input, load_model
+from passes.outputs import Staging, check_output
 
 DEFAULT_MIN, DEFAULT_OPT, DEFAULT_MAX = (1, 1), (1, 128), (8, 1024)
 BATCH_NAMES = ("batch",)
@@ -148,20 +148,73 @@ def profile_shapes(name: str, shape: tuple[int, ...], dim_names: list, mins, opt
 def build_engine(model_path: str | Path, engine_path: str | Path, *, min_shape=DEFAULT_MIN, opt_shape=DEFAULT_OPT,
                  max_shape=DEFAULT_MAX, workspace_mib: int | None = None, inspect: bool = True,
                  prefer: str = "auto", verbose: bool = False) -> dict:
-    """Parse, build and write an engine; returns the report (see the module docstring)."""
-    start = time.perf_counter()
+    """Parse, build and write an engine; returns the report (see the module docstring).
+
+    The model and the output are checked here; parsing and building run in a child process (TensorRT's logger
+    callback swallows KeyboardInterrupt, so a build in this process would not stop on Ctrl-C), which writes the
+    engine under a temporary name; SIGINT / SIGTERM stop the child at once, and the engine appears only when the
+    build succeeded."""
     model_path, engine_path = Path(model_path), Path(engine_path)
     if not (min_shape[0] <= opt_shape[0] <= max_shape[0] and min_shape[1] <= opt_shape[1] <= max_shape[1]):
         fail(f"profile must satisfy min <= opt <= max per dimension; got min {min_shape[0]}x{min_shape[1]}, "
              f"opt {opt_shape[0]}x{opt_shape[1]}, max {max_shape[0]}x{max_shape[1]}")
+    check_output(engine_path, "output", model_path)
     model = load_model(model_path)   # checks the file and its external data without reading the weights
-    if engine_path.resolve() == model_path.resolve() or engine_path.resolve() in model.external_files:
-        fail(f"output {engine_path} would overwrite the input model or its external data; choose another -o")
-    if not engine_path.parent.is_dir():
-        fail(f"output folder {engine_path.parent} does not exist")
+    check_not_input(engine_path, {model.path} | model.external_files)
     dim_names = _onnx_dim_names(model.proto)
     del model
+    with Staging() as staging:
+        report = run_in_child(_build, model_path, staging.path(engine_path), engine_path, dim_names,
+                              min_shape, opt_shape, max_shape, workspace_mib, inspect, prefer, verbose)
+        staging.publish()
+    return report
 
+
+def run_in_child(function, *args):
+    """function(*args) in a spawned child process that ignores SIGINT; returns its result, re-raises its
+    UserError as a UserError here; an interrupt here terminates the child and propagates."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, function, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        while not receive.poll(0.1):
+            if not child.is_alive() and not receive.poll():
+                raise RuntimeError(f"the build process died (exit code {child.exitcode})")
+        kind, value = receive.recv()
+    except BaseException:
+        child.terminate()
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        raise
+    child.join()
+    if kind == "user":
+        fail(value)
+    if kind == "bug":
+        raise RuntimeError(f"the build process failed:\n{value}")
+    return value
+
+
+def _child(send, function, args) -> None:
+    import signal
+    import traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides; it terminates this process
+    try:
+        send.send(("ok", function(*args)))
+    except UserError as exc:
+        send.send(("user", str(exc)))
+    except BaseException:
+        send.send(("bug", traceback.format_exc()))
+
+
+def _build(model_path: Path, temporary: Path, engine_path: Path, dim_names: dict, min_shape, opt_shape, max_shape,
+           workspace_mib, inspect: bool, prefer: str, verbose: bool) -> dict:
+    """Parse and build in this (child) process; the engine goes to `temporary`; returns the report."""
+    start = time.perf_counter()
     rt = import_tensorrt(prefer)
     trt = rt.module
     logger = _make_logger(trt, verbose)
@@ -222,7 +275,8 @@ def build_engine(model_path: str | Path, engine_path: str | Path, *, min_shape=D
         fail(f"{model_path}: TensorRT could not build an engine"
              + (f": {errors[-1].strip().splitlines()[0]}" if errors else " (run with -v for the builder's log)"))
     data = memoryview(serialized)
-    _write_atomic(engine_path, data)
+    with open(temporary, "wb") as f:
+        f.write(data)
     engine_bytes = data.nbytes
 
     inspector = {"ok": False, "reason": "not attempted (--no-inspect)"}
@@ -299,25 +353,6 @@ def _inspect(trt, logger, serialized):
     return {"ok": True, "reason": None}, int(count), layers
 
 
-def _write_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 
 def format_report(r: dict) -> str:
@@ -352,26 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensorrt", choices=("auto", "tensorrt", "rtx"), default="auto",
                         help="which TensorRT to use (default auto: tensorrt if importable, else TensorRT-RTX)")
     parser.add_argument("--no-inspect", action="store_true", help="do not deserialize the engine for the inspector")
-    parser.add_argument("--json", type=Path, metavar="OUT.json", help="write the report (with per-layer info) here")
-    parser.add_argument("--save-result", metavar="NAME", help="also write bench/results/NAME.json (bench.results)")
+    parser.add_argument("--json", type=Path, metavar="OUT.json", help="write the report (with per-layer info, the "
+                                                                      "machine and versions) here")
     parser.add_argument("-v", "--verbose", action="store_true", help="print TensorRT's whole log")
     args = parser.parse_args(argv)
     if args.workspace is not None and args.workspace <= 0:
         fail(f"--workspace must be positive, got {args.workspace}")
-    if args.json is not None and not args.json.parent.is_dir():
-        fail(f"folder {args.json.parent} for --json does not exist")
-    if args.save_result is not None and (not args.save_result or "/" in args.save_result or args.save_result.startswith(".")):
-        fail(f"--save-result takes a plain name (written to bench/results/NAME.json), got '{args.save_result}'")
+    check_output(args.output, "output", args.model)
+    if args.json is not None:
+        check_output(args.json, "--json", args.model, args.output, suffix=".json")
+    print(f"bench.engine: building {args.output} from {args.model} (Ctrl-C stops the build) ...", flush=True)
     report = build_engine(args.model, args.output, min_shape=args.min, opt_shape=args.opt, max_shape=args.max,
                           workspace_mib=args.workspace, inspect=not args.no_inspect, prefer=args.tensorrt,
                           verbose=args.verbose)
     print(format_report(report))
     if args.json is not None:
-        from bench.compare import write_json
-        print(f"  json: {write_json(args.json, report)}")
-    if args.save_result is not None:
-        from bench.results import write_result
-        print(f"  result: {write_result(args.save_result, report)}")
+        from bench.results import result_json
+        print(f"  json: {result_json(args.json, report)}")
     return 0
 
 

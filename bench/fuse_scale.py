@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama8b-puzzle")
     parser.add_argument("--workdir", help="folder for the models (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the models afterwards")
-    parser.add_argument("--name", default="fuse_scale", help="result name under bench/results/")
+    parser.add_argument("--name", default="fuse_scale", help="result name")
+    parser.add_argument("--out", default=".", help="folder for the JSON (default: the current folder)")
     args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fuse_scale_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows, header=("step", "seconds", "peak RSS GB")))
         print(f"input {result['input_bytes'] / 1e9:.2f} GB, output {result['output_bytes'] / 1e9:.2f} GB, "
               f"fuse/cp = {result['fuse_over_cp']:.2f}x, groups {report['groups']}")
-        print(f"result: {write_result(args.name, result)}")
+        print(f"result: {write_result(args.name, result, args.out)}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

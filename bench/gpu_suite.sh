@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh decode OUT_DIR      8B-shaped Puzzle model, one decode step with KV cache, ~6 min
 #   bash bench/gpu_suite.sh smollm2 OUT_DIR     SmolLM2-135M shapes: decode step, attention dropped, FFN runs fused
 #   bash bench/gpu_suite.sh tp OUT_DIR          tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
-# Models are written to ${WORK:-/tmp/ffn_suite}; results to bench/results/ and OUT_DIR.
+# Models are written to ${WORK:-/tmp/ffn_suite}; results to OUT_DIR (default bench/results).
 set -euo pipefail
 what=$1; out=${2:-bench/results}
 work=${WORK:-/tmp/ffn_suite}; mkdir -p "$work" "$out"

@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-cuda-graph", action="store_true")
-    parser.add_argument("--name", help="result name under bench/results/ (default: latency_<fused model>)")
-    parser.add_argument("--out", help="also write the JSON and PNG here")
+    parser.add_argument("--name", help="result name (default: latency_<fused model>)")
+    parser.add_argument("--out", default=".", help="folder for the JSON and PNG (default: the current folder)")
     parser.add_argument("--label", help="a short label for tables and plots")
     args = parser.parse_args(argv)
     paths = [Path(args.original), Path(args.fused)]
@@ -292,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": records}
     from bench.results import write_result
     name = args.name or f"latency_{label}"
-    print(f"result: {write_result(name, result)}")
-    if args.out:
-        write_result(name, result, Path(args.out))
-    plot_latency(result, (Path(args.out) if args.out else Path(__file__).parent / "results") / f"{name}.png")
+    print(f"result: {write_result(name, result, args.out)}; plot: {plot_latency(result, Path(args.out) / f'{name}.png')}")
     return 0
 
 

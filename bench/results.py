@@ -1,16 +1,16 @@
-"""Benchmark results: one JSON per run under bench/results/, with the machine, versions and exact command."""
+"""Benchmark results: one JSON per run, with the machine, versions and exact command, where the user asks (--out)
+or in the current folder; never inside the installed package. The results committed with the project were
+written with --out bench/results (or bench/results/h200)."""
 from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import json
 import os
 import platform
 import shlex
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PACKAGES = ("onnx", "onnxruntime", "onnxruntime-gpu", "torch", "polygraphy", "numpy",
             "tensorrt", "tensorrt-rtx-cu13-bindings")
 
@@ -49,10 +49,14 @@ def _module_name() -> str:
     return spec.name if spec and spec.name else sys.argv[0]
 
 
-def write_result(name: str, data: dict, directory: Path | None = None) -> Path:
-    """Write {environment, **data} to DIRECTORY/NAME.json (default bench/results/) and return the path."""
-    directory = Path(directory) if directory else RESULTS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps({"environment": environment(), **data}, indent=2, default=str) + "\n")
-    return path
+def write_result(name: str, data: dict, directory: str | Path | None = None) -> Path:
+    """Write {environment, **data} to DIRECTORY/NAME.json (default: the current folder), atomically; returns it."""
+    return result_json(Path(directory or ".") / f"{name}.json", data)
+
+
+def result_json(path: str | Path, data: dict) -> Path:
+    """Write {environment, **data} to `path`, atomically, mode 0644 (passes.outputs.write_json)."""
+    from passes.outputs import write_json
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_json(path, {"environment": environment(), **data})

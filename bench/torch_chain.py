@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="1,16,128,1024")
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", default=".", help="folder for the JSON (default: the current folder)")
     args = parser.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
           f"matmul {device.matmul_rate / 1e12:.0f} TFLOP/s")
     print(table(rows, header=("d x m x k", "tokens", "sequential us", "fused us", "speedup", "HBM floor us")))
     result = {"device": device.__dict__, "dtype": args.dtype, "results": records}
-    print(f"result: {write_result('torch_chain', result)}")
-    if args.out:
-        from pathlib import Path
-        write_result("torch_chain", result, Path(args.out))
+    print(f"result: {write_result('torch_chain', result, args.out)}")
     return 0
 
 

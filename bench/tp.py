@@ -44,7 +44,7 @@ needs k*3*d*m/W weight bytes plus one unsharded block (plus float32 scratch for 
 configurations that do not fit in a rank's free memory are skipped with the reason printed.
 
 Results: one JSON through bench.results.write_result (rewritten after each shape and k, so a crash keeps what was
-measured) and a PNG of speedup vs tokens, in bench/results/ (unless --no-save) and in --out DIR. NVLink multicast
+measured) and a PNG of speedup vs tokens, in --out DIR (default: the current folder; none with --no-save). NVLink multicast
 stays off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are set below, before
 torch is imported (children inherit them); no symmetric memory is used. Works under torchrun too.
 """
@@ -70,7 +70,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.results import RESULTS_DIR, write_result  # noqa: E402
+from bench.results import write_result  # noqa: E402
 
 SHAPES = {  # name: (hidden d, FFN width m)
     "tiny": (64, 128),
@@ -482,10 +482,7 @@ def plot(rows, path: Path) -> Path | None:
 
 
 def out_dirs(args) -> list[Path]:
-    dirs = [] if args.no_save else [RESULTS_DIR]
-    if args.out:
-        dirs.append(Path(args.out))
-    return dirs
+    return [] if args.no_save else [Path(args.out)]
 
 
 def save(args, name, data) -> list[Path]:
@@ -644,8 +641,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=300, help="seconds before a stuck collective aborts")
     p.add_argument("--name", default=None, help="result name (default tp_w<world>[_emu<N>][_quick])")
-    p.add_argument("--out", default=None, help="also write the JSON and PNG here (e.g. $OUT)")
-    p.add_argument("--no-save", action="store_true", help="do not write into bench/results/")
+    p.add_argument("--out", default=".", help="folder for the JSON and PNG (default: the current folder)")
+    p.add_argument("--no-save", action="store_true", help="write no JSON or PNG")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="only plot rows of these result files together")
     p.add_argument("--predict", nargs=2, metavar=("EMULATED_JSON", "MEASURED_JSON"),
                    help="only predict TP N from an --emulate-tp N run and a multi-GPU run (see predict())")

@@ -12,22 +12,19 @@ node_fraction, seconds, session_seconds, runs, per_run, definition}, seconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from passes.analysis import SCOPES, compute_metrics, parse_block_spec
 from passes.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
-from passes.chains import find_chains
 from passes.errors import fail, run_cli
-from passes.graph import GraphIndex
-from passes.match import match_ffn_blocks
 from passes.onnx_io import load_model
+from passes.outputs import Staging, check_output
 from passes.plots import blocks_plot_path
 from passes.ranges import spans
-from passes.report import structure_record, table
+from passes.report import table
+from passes.structure import model_structure
 
 
 def _positive_int(text: str) -> int:
@@ -50,25 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=_positive_int, default=DEFAULT_SEQ, help="sequence length of random inputs")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of random inputs")
     return parser
-
-
-def _check_writable(path: Path, what: str) -> None:
-    if not path.parent.is_dir():
-        fail(f"{what} folder {path.parent} does not exist")
-    if path.is_dir():
-        fail(f"{what} {path} is a folder")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _structure(found, chains) -> dict:
-    """blocks (as passes.report.block_record: ordinal, node names, width, ...), chains, rejections."""
-    record = structure_record(found.blocks, chains, found.rejections)
-    return {"blocks": record["ffn_blocks"], "chains": record["chains"], "rejections": record["rejections"]}
 
 
 def summary(report: dict) -> str:
@@ -95,47 +73,47 @@ def summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    out = Path(args.output)
-    _check_writable(out, "report")
-    plot = Path(args.plot) if args.plot else None
+    out, plot = Path(args.output), Path(args.plot) if args.plot else None
+    inputs = [Path(args.model)] + ([Path(args.inputs)] if args.inputs else [])
+    check_output(out, "report", *inputs)
     if plot is not None:
-        _check_writable(plot, "plot")
-        if plot.suffix.lower() != ".png":
-            fail(f"--plot {plot}: the heatmap is written as PNG, give a .png file name")
+        check_output(plot, "plot", *inputs, suffix=".png")
+        check_output(blocks_plot_path(plot), "per-block plot", *inputs, suffix=".png")
     model = load_model(args.model)
-    protected = {Path(args.model).resolve()} | model.external_files
-    if args.inputs:
-        protected.add(Path(args.inputs).resolve())
     for path, what in ((out, "report"), (plot, "plot"), (plot and blocks_plot_path(plot), "per-block plot")):
-        if path is not None and path.resolve() in protected:
-            fail(f"{what} {path} would overwrite the model, its external data or the inputs; choose another file name")
-    index = GraphIndex.build(model.proto.graph)
-    found = match_ffn_blocks(model.proto, index)
-    if not found.blocks:
-        hint = f"; first rejected candidate: {found.rejections[0].node}: {found.rejections[0].check}" if found.rejections else ""
+        if path is not None and path.resolve() in model.external_files:
+            fail(f"{what} {path} would overwrite the model's external data; choose another file name")
+    structure = model_structure(model.proto)
+    if not structure.blocks:
+        hint = f"; first rejected candidate: {structure.rejections[0].node}: {structure.rejections[0].check}" if structure.rejections else ""
         fail(f"{args.model}: no FFN blocks found (pre-norm SwiGLU on the residual stream){hint}")
-    chains = find_chains(found.blocks, index)
-    ordinals = parse_block_spec(args.blocks, len(found.blocks)) if args.blocks else list(range(len(found.blocks)))
-    calib = calibration_for(model.proto, args.inputs, batch=args.batch, seq=args.seq, seed=args.seed)
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, blocks=found.blocks, chains=chains)
+    ordinals = parse_block_spec(args.blocks, len(structure.blocks)) if args.blocks else list(range(len(structure.blocks)))
+    calib = calibration_for(model, args.inputs, batch=args.batch, seq=args.seq, seed=args.seed)
+    print(f"analyze: {args.model}: {len(structure.blocks)} FFN blocks, measuring {len(ordinals)} on "
+          f"{calib.record()['tokens']} tokens ...", flush=True)
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, blocks=structure.blocks, chains=structure.chains)
+    record = structure.record()
     report = {
         "tool": "passes.analyze",
         "model": str(args.model),
-        **_structure(found, chains),
+        "blocks": record["ffn_blocks"], "chains": record["chains"], "rejections": record["rejections"],
         "selected": ordinals,
         "inputs": calib.record(),
         **metrics.record(),
         "seconds": round(time.perf_counter() - start, 3),
         "command": ["python", "-m", "passes.analyze", *(argv if argv is not None else sys.argv[1:])],
     }
-    _write_json(out, report)
+    with Staging() as staging:
+        staging.json(out, report)
+        if plot is not None:
+            from passes.plots import plot_blocks, plot_dependency
+            plot_dependency(metrics, structure.chains, staging.path(plot), title=f"FFN dependency matrix M: {Path(args.model).name}")
+            plot_blocks(metrics, structure.chains, staging.path(blocks_plot_path(plot)),
+                        title=f"Per-block metrics: {Path(args.model).name}")
+        staging.publish()
     print(summary(report))
-    print(f"  report: {out}")
-    if plot is not None:
-        from passes.plots import plot_blocks, plot_dependency
-        plot_dependency(metrics, chains, plot, title=f"FFN dependency matrix M: {Path(args.model).name}")
-        blocks_png = plot_blocks(metrics, chains, blocks_plot_path(plot), title=f"Per-block metrics: {Path(args.model).name}")
-        print(f"  plots: {plot}, {blocks_png}")
+    print(f"  report: {out}" + (f"; plots: {plot}, {blocks_plot_path(plot)}" if plot is not None else ""))
+    print(f"  {time.perf_counter() - start:.1f} s")
     return 0
 
 

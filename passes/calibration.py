@@ -484,6 +484,14 @@ def cache_hints(model: onnx.ModelProto, model_path: Path | None = None) -> dict[
     return {}
 
 
+def feeds_for_tokens(model, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Every graph input of `model` (LoadedModel or ModelProto) for token ids [batch, seq] (see token_feeds)."""
+    proto = getattr(model, "proto", model)
+    specs, vocab = input_specs(proto), vocab_sizes(proto)
+    feeds, _ = token_feeds(specs, vocab, ids, cache_hints(proto, getattr(model, "path", None)))
+    return check_inputs(feeds, proto, vocab)
+
+
 def calibration_for(model, inputs=None, *, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
                     seed: int = DEFAULT_SEED, warn: bool = True) -> Calibration:
     """Calibration inputs for `model` (a passes.onnx_io.LoadedModel, or an onnx ModelProto): `inputs` is a path

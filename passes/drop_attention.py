@@ -21,7 +21,7 @@ from passes.drop import drop_sublayers
 from passes.errors import fail, run_cli
 from passes.genai import genai_folder, renumber_caches, side_files
 from passes.onnx_io import check_not_input, load_model, save_model
-from passes.outputs import check_output, write_json
+from passes.outputs import Staging, check_output
 from passes.ranges import expand, parse_ranges, spans
 from passes.ranking import rank_sublayers
 from passes.report import table
@@ -78,36 +78,47 @@ def main(argv: list[str] | None = None) -> int:
                     "attention": [{k: v for k, v in asdict(s).items() if k not in ("branch", "local_outputs")}
                                   | {"branch_nodes": len(s.branch)} for s in attention],
                     "layer_name_mismatches": [list(m) for m in stream.mismatches]}
-    if args.rank:
-        calib = calibration_for(model, args.inputs)
-        ranking, cost = rank_sublayers(model, attention, calib.feeds)
-        ranking.sort(key=lambda r: r["kl_removed_alone"])
-        report.update(ranking=ranking, inputs=calib.record(), cost=cost.record())
-        print(table([(r["layer"], r["cosdist"], r["ratio"], r["kl_removed_alone"], f"{r['top1_removed_alone']:.1%}")
-                     for r in ranking], header=("layer", "cosdist", "|a|/|x|", "KL removed alone", "top-1")))
-        print(f"  least harmful first; e.g. --layers {spans(r['layer'] for r in ranking[:4])}")
-        print(f"  cost: {cost.forward_pass_equivalents:.3g} forward-pass equivalents in {cost.runs} runs, "
-              f"{cost.seconds:.1f} s ({calib.record()['tokens']} tokens)")
-        if args.plot:
-            from passes.plots import plot_ranking
-            plot_ranking(sorted(ranking, key=lambda r: r["layer"]), Path(args.plot),
-                         f"attention removal, one layer at a time: {model_path.name}")
-            print(f"  plot: {args.plot}")
+    with Staging() as staging:
+        if args.rank:
+            calib = calibration_for(model, args.inputs)
+            print(f"  ranking: removing each of {len(attention)} attention sublayers alone on "
+                  f"{calib.record()['tokens']} tokens ...", flush=True)
+            ranking, cost = rank_sublayers(model, attention, calib.feeds)
+            ranking.sort(key=lambda r: r["kl_removed_alone"])
+            report.update(ranking=ranking, inputs=calib.record(), cost=cost.record())
+            print(table([(r["layer"], r["cosdist"], r["ratio"], r["kl_removed_alone"], f"{r['top1_removed_alone']:.1%}")
+                         for r in ranking], header=("layer", "cosdist", "|a|/|x|", "KL removed alone", "top-1")))
+            print(f"  least harmful first; e.g. --layers {spans(r['layer'] for r in ranking[:4])}")
+            print(f"  cost: {cost.forward_pass_equivalents:.3g} forward-pass equivalents in {cost.runs} runs, "
+                  f"{cost.seconds:.1f} s ({calib.record()['tokens']} tokens)")
+            if args.plot:
+                from passes.plots import plot_ranking
+                plot_ranking(sorted(ranking, key=lambda r: r["layer"]), staging.path(Path(args.plot)),
+                             f"attention removal, one layer at a time: {model_path.name}")
+        if chosen:
+            out = Path(args.output)
+            output, dropped = drop_sublayers(model, chosen)
+            folder = genai_folder(model.path)
+            extra, note = None, None
+            if folder is not None:
+                caches = renumber_caches(output.proto, folder)
+                if out.resolve().parent != folder.folder.resolve():
+                    extra = side_files(folder, out.name, caches, skip={model.path, *model.external_files})
+                else:
+                    note = ("genai_config.json not written: the output is in the input's folder; write to another "
+                            "folder (-o NEW_DIR/model.onnx) for a folder onnxruntime-genai runs as it is")
+            save_model(output, out, protected={model.path} | model.external_files, reference=model.path,
+                       extra_files=extra, staging=staging)
+            report.update(output=str(out), dropped_layers=[s.layer for s in chosen], dropped_inputs=dropped.inputs,
+                          dropped_outputs=dropped.outputs, nodes_before=dropped.nodes_before, nodes_after=dropped.nodes_after)
+        report["seconds"] = round(time.perf_counter() - start, 2)
+        report["command"] = ["python", "-m", "passes.drop_attention", *(argv if argv is not None else sys.argv[1:])]
+        if args.report:
+            staging.json(Path(args.report), report)
+        staging.publish()
+    if args.rank and args.plot:
+        print(f"  plot: {args.plot}")
     if chosen:
-        out = Path(args.output)
-        output, dropped = drop_sublayers(model, chosen)
-        folder = genai_folder(model.path)
-        extra, note = None, None
-        if folder is not None:
-            caches = renumber_caches(output.proto, folder)
-            if out.resolve().parent != folder.folder.resolve():
-                extra = side_files(folder, out.name, caches, skip={model.path, *model.external_files})
-            else:
-                note = ("genai_config.json not written: the output is in the input's folder; write to another "
-                        "folder (-o NEW_DIR/model.onnx) for a folder onnxruntime-genai runs as it is")
-        save_model(output, out, protected={model.path} | model.external_files, reference=model.path, extra_files=extra)
-        report.update(output=str(out), dropped_layers=[s.layer for s in chosen], dropped_inputs=dropped.inputs,
-                      dropped_outputs=dropped.outputs, nodes_before=dropped.nodes_before, nodes_after=dropped.nodes_after)
         print(f"  removed attention in layers {spans(s.layer for s in chosen)}: nodes {dropped.nodes_before} -> "
               f"{dropped.nodes_after}" + (f", KV inputs/outputs removed: {len(dropped.inputs)}/{len(dropped.outputs)}"
                                           if dropped.inputs or dropped.outputs else ""))
@@ -116,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             print(f"  note: {note}")
         print(f"  model: {out}")
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    report["command"] = ["python", "-m", "passes.drop_attention", *(argv if argv is not None else sys.argv[1:])]
     if args.report:
-        write_json(Path(args.report), report)
         print(f"  report: {args.report}")
     return 0
 

@@ -1,6 +1,7 @@
 """User-facing errors: one clear line on stderr, exit code 2, never a traceback."""
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from typing import Callable, NoReturn
@@ -26,15 +27,19 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     argparse usage errors already exit 2. Anything else propagates: a traceback means a bug.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    message = None
     try:
         code = main(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        message, code = str(exc), 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        message, code = "interrupted", 130
     except BrokenPipeError:   # output piped into head & co.
         sys.stderr.close()
-        sys.exit(0)
+        code = 0
+    # release what the interrupted work held (onnxruntime sessions own native threads) now: destroyed during
+    # interpreter shutdown instead, they abort the process ("terminate called without an active exception")
+    gc.collect()
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code or 0)

@@ -429,10 +429,11 @@ def run_session(session, outputs: list[str] | None, feeds: dict, *, ort_values: 
     except KeyboardInterrupt:
         options.terminate = True
         worker.join()
+        result.clear()
         raise
     if "error" in result:
-        raise result["error"]
-    return result["value"]
+        raise result.pop("error")
+    return result.pop("value")
 
 
 def verify_model(path: Path, reference: Path | None = None) -> None:

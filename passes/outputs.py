@@ -81,7 +81,7 @@ class Staging:
 
     def json(self, target: Path, data: dict) -> Path:
         with open(self.path(target), "w") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
+            f.write(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
         return Path(target)
 
     def publish(self) -> None:
@@ -98,3 +98,26 @@ def write_json(path: Path, data: dict) -> Path:
         staging.json(path, data)
         staging.publish()
     return Path(path)
+
+
+def _plain(value):
+    """JSON-ready: numpy scalars and arrays as Python numbers and lists, NaN and infinities as null (JSON has
+    none), paths and other objects as strings."""
+    import math
+
+    import numpy as np
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)

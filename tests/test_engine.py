@@ -93,7 +93,7 @@ def run_cli(*args, cwd=ROOT):
                           cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_cli_json_and_save_result(trt_available, models, tmp_path, monkeypatch, capsys):
+def test_cli_json(trt_available, models, tmp_path, capsys):
     fused = models["fp16"][1]
     assert be.main([str(fused), "-o", str(tmp_path / "f.engine"), "--min", "1x1", "--opt", "1x8", "--max", "2x32",
                     "--json", str(tmp_path / "f.json")]) == 0
@@ -103,14 +103,8 @@ def test_cli_json_and_save_result(trt_available, models, tmp_path, monkeypatch, 
     assert "command" in report["environment"] and report["tool"] == "bench.engine"
     assert report["profiles"]["x"]["max"] == [2, 32, 32]
     assert (tmp_path / "f.engine").stat().st_size == report["engine_bytes"]
-    # --save-result goes through bench.results.write_result (redirected here so the test leaves the repo alone)
-    import bench.results
-    monkeypatch.setattr(bench.results, "RESULTS_DIR", tmp_path / "results")
-    assert be.main([str(fused), "-o", str(tmp_path / "g.engine"), "--opt", "1x8", "--max", "2x32",
-                    "--save-result", "engine_test"]) == 0
-    saved = json.loads((tmp_path / "results" / "engine_test.json").read_text())
-    assert saved["tool"] == "bench.engine" and "versions" in saved["environment"]
-    capsys.readouterr()
+    assert "versions" in report["environment"]
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644 and (tmp_path / "f.engine").stat().st_mode & 0o777 == 0o644
 
 
 def test_parse_failure_prints_parser_errors_and_exits_2(trt_available, tmp_path):

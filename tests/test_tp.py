@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from bench import tp
-from bench.results import RESULTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -73,10 +72,10 @@ def test_weights_do_not_depend_on_world_size():
 def _run(tmp_path, *extra):
     name = "tp_pytest"
     cmd = [sys.executable, "-m", "bench.tp", "--backend", "gloo", "--device", "cpu", "--shapes", "tiny",
-           "--iters", "3", "--warmup", "1", "--out", str(tmp_path), "--no-save", "--name", name, *extra]
+           "--iters", "3", "--warmup", "1", "--out", str(tmp_path), "--name", name, *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert not (RESULTS_DIR / f"{name}.json").exists(), "--no-save wrote into bench/results"
+    assert not (ROOT / "bench" / "results" / f"{name}.json").exists(), "wrote into the package's bench/results"
     return proc.stdout, json.loads((tmp_path / f"{name}.json").read_text())
 
 
