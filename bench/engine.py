@@ -9,8 +9,9 @@ ahead of time without a GPU, but its engines do not run on data-center GPUs such
   an fp16/bf16 engine); no FP16/BF16 builder flags are set.
 - The ONNX file is parsed with `OnnxParser.parse_from_file`, which reads external data next to the model.
   A parse failure prints the parser's errors (node index, name, operator, message) and exits 2.
-- Every dynamic input gets an optimization profile: dimension 0 (or one named like "batch") takes the batch and
-  dimension 1 (or one named like "seq") the sequence from --min/--opt/--max BATCHxSEQ.
+- Every dynamic input gets an optimization profile from --min/--opt/--max BATCHxSEQ: its batch dimension the batch,
+  its sequence dimensions (new tokens, a KV cache's past, a mask's total length) the sequence, by the one rule
+  every tool uses (passes.support.calibration.dimension_role).
 - Parsing and building run in a child process that Ctrl-C / SIGTERM stop at once (exit 130, nothing written);
   the serialized engine is written under a temporary name beside the output and renamed when the build is done.
 
@@ -33,13 +34,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from passes.errors import UserError, fail, run_cli
-from passes.onnx_io import check_not_input, load_model
-from passes.outputs import Staging, check_output
+from passes.support.calibration import InputSpec, dimension_role, input_specs
+from passes.support.errors import UserError, fail, run_cli
+from passes.support.onnx_io import check_not_input, load_model
+from passes.support.outputs import Staging, check_output
 
 DEFAULT_MIN, DEFAULT_OPT, DEFAULT_MAX = (1, 1), (1, 128), (8, 1024)
-BATCH_NAMES = ("batch",)
-SEQ_NAMES = ("seq", "sequence", "len", "length", "token", "tokens", "time")
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT
@@ -60,7 +60,7 @@ def import_tensorrt(prefer: str = "auto") -> TensorRT:
     errors = []
     if prefer in ("auto", "tensorrt"):
         try:
-            import tensorrt as trt   # NVIDIA's TensorRT (pip install tensorrt from pypi.nvidia.com)
+            import tensorrt as trt  # NVIDIA's TensorRT (pip install tensorrt from pypi.nvidia.com)
             if hasattr(trt, "Builder"):
                 return TensorRT(trt, "TensorRT", "tensorrt")
             errors.append("tensorrt: installed but has no Builder (an incomplete stub install?)")
@@ -68,8 +68,8 @@ def import_tensorrt(prefer: str = "auto") -> TensorRT:
             errors.append(f"tensorrt: {exc}")
     if prefer in ("auto", "rtx"):
         try:
-            import tensorrt_rtx_libs  # noqa: F401  (loads the shared libraries the bindings need)
             import tensorrt_rtx_bindings as trt
+            import tensorrt_rtx_libs  # noqa: F401  (loads the shared libraries the bindings need)
             return TensorRT(trt, "TensorRT-RTX", "tensorrt_rtx_bindings")
         except ImportError as exc:
             errors.append(f"tensorrt_rtx: {exc}")
@@ -109,37 +109,23 @@ def parse_bxs(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _onnx_dim_names(proto) -> dict[str, list]:
-    inits = {t.name for t in proto.graph.initializer}
-    names = {}
-    for vi in proto.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        names[vi.name] = [d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim] if t.HasField("shape") else []
-    return names
-
-
-def profile_shapes(name: str, shape: tuple[int, ...], dim_names: list, mins, opts, maxs) -> dict[str, list[int]]:
-    """min/opt/max shapes for one dynamic network input: batch/seq dims from the flags, static dims kept."""
+def profile_shapes(spec: InputSpec, mins, opts, maxs) -> dict[str, list[int]]:
+    """min/opt/max shapes for one dynamic network input (BATCHxSEQ each), by passes.support.calibration's rule
+    for dimensions: the batch from the flags' batch, the sequence (new tokens, a KV cache's past, a mask's total)
+    from their sequence, fixed dims kept."""
     out = {"min": [], "opt": [], "max": []}
-    for k, d in enumerate(shape):
-        if d >= 0:
-            for key in out:
-                out[key].append(int(d))
-            continue
-        label = ((dim_names[k] if k < len(dim_names) else None) or "").lower()
-        if any(n in label for n in BATCH_NAMES):
-            axis = 0
-        elif any(n in label for n in SEQ_NAMES):
-            axis = 1
-        elif k in (0, 1):
-            axis = k
-        else:
-            fail(f"input '{name}' has dynamic dimension {k} ('{label or '?'}') that is neither batch nor sequence; "
-                 "export the model with it fixed")
+    for axis, d in enumerate(spec.shape or ()):
+        role = dimension_role(spec, axis)
         for key, source in (("min", mins), ("opt", opts), ("max", maxs)):
-            out[key].append(int(source[axis]))
+            if role == "fixed":
+                out[key].append(int(d))
+            elif role == "batch":
+                out[key].append(int(source[0]))
+            elif role in ("seq", "past", "total"):
+                out[key].append(int(source[1]))
+            else:
+                fail(f"input '{spec.name}' has dynamic dimension {axis} ('{d or '?'}') that is neither batch nor "
+                     f"sequence; export the model with it fixed")
     return out
 
 
@@ -161,10 +147,10 @@ def build_engine(model_path: str | Path, engine_path: str | Path, *, min_shape=D
     check_output(engine_path, "output", model_path)
     model = load_model(model_path)   # checks the file and its external data without reading the weights
     check_not_input(engine_path, {model.path} | model.external_files)
-    dim_names = _onnx_dim_names(model.proto)
+    specs = {spec.name: spec for spec in input_specs(model.proto)}
     del model
     with Staging() as staging:
-        report = run_in_child(_build, model_path, staging.path(engine_path), engine_path, dim_names,
+        report = run_in_child(_build, model_path, staging.path(engine_path), engine_path, specs,
                               min_shape, opt_shape, max_shape, workspace_mib, inspect, prefer, verbose)
         staging.publish()
     return report
@@ -211,7 +197,7 @@ def _child(send, function, args) -> None:
         send.send(("bug", traceback.format_exc()))
 
 
-def _build(model_path: Path, temporary: Path, engine_path: Path, dim_names: dict, min_shape, opt_shape, max_shape,
+def _build(model_path: Path, temporary: Path, engine_path: Path, specs: dict, min_shape, opt_shape, max_shape,
            workspace_mib, inspect: bool, prefer: str, verbose: bool) -> dict:
     """Parse and build in this (child) process; the engine goes to `temporary`; returns the report."""
     start = time.perf_counter()
@@ -260,8 +246,8 @@ def _build(model_path: Path, temporary: Path, engine_path: Path, dim_names: dict
         for tensor in dynamic:
             if tensor.is_shape_tensor:
                 fail(f"input '{tensor.name}' is a shape tensor; bench.engine only sets profiles for data inputs")
-            shapes = profile_shapes(tensor.name, tuple(tensor.shape), dim_names.get(tensor.name, []),
-                                    min_shape, opt_shape, max_shape)
+            spec = specs.get(tensor.name) or InputSpec(tensor.name, 0, tuple(d if d >= 0 else None for d in tensor.shape))
+            shapes = profile_shapes(spec, min_shape, opt_shape, max_shape)
             profile.set_shape(tensor.name, shapes["min"], shapes["opt"], shapes["max"])
             profiles[tensor.name] = shapes
         config.add_optimization_profile(profile)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.results import write_result
 from bench.synthetic import PRESETS, write
-from passes.report import table
+from passes.support.report import table
 
 
 def _drop_caches() -> bool:

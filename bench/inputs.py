@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from passes.errors import fail, run_cli
-from passes.outputs import Staging, check_output
+from passes.support.errors import fail, run_cli
+from passes.support.outputs import Staging, check_output
 
 PYDOC = "@pydoc"
 
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = token_rows(ids, args.rows, args.seq, args.offset)
     feeds = {"input_ids": rows}
     if args.model:
-        from passes.calibration import feeds_for_tokens
-        from passes.onnx_io import load_model
+        from passes.support.calibration import feeds_for_tokens
+        from passes.support.onnx_io import load_model
         feeds = feeds_for_tokens(load_model(args.model), rows)
     with Staging() as staging:
         if out.suffix == ".json":

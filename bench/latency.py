@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto
 
-from passes.errors import fail, run_cli
-from passes.onnx_io import load_model, tensor_nbytes
-from passes.report import table
-
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(double)": np.float64}
+from passes.support.calibration import concrete_shape, input_specs
+from passes.support.errors import fail, run_cli
+from passes.support.onnx_io import load_model, tensor_nbytes
+from passes.support.report import table
 
 
 @dataclass
@@ -101,24 +100,25 @@ def graph_kind(session) -> str:
 
 
 def make_feeds(session, batch: int, tokens: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the right types: token ids in the vocabulary, N(0, 1) hidden states, random caches."""
+    """Timing inputs for one step of `tokens` new tokens after `past` cached ones (a decode graph gets one new
+    token per row), shapes by passes.support.calibration.concrete_shape: token ids in the vocabulary (the last
+    axis of the first output), an all-ones attention mask, positions, N(0, 1) caches and hidden states."""
     rng = np.random.default_rng(seed)
     vocab = next((o.shape[-1] for o in session.get_outputs() if isinstance(o.shape[-1], int)), 1000)
     feeds = {}
-    for i in session.get_inputs():
-        dtype = ORT_TYPES.get(i.type)
-        if dtype is None:
-            fail(f"input '{i.name}' has type {i.type}, which this benchmark cannot generate")
-        if i.name == "input_ids":
-            feeds[i.name] = rng.integers(0, vocab, (batch, 1 if past else tokens), dtype=dtype)
-        elif i.name.startswith("past"):
-            shape = [batch, i.shape[1], past, i.shape[3]]
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+    for spec in input_specs(session.get_inputs()):
+        shape = concrete_shape(spec, batch, 1 if past else tokens, {}, past)
+        lowered = spec.name.lower()
+        if spec.elem_type in (TensorProto.INT64, TensorProto.INT32) and "mask" in lowered:
+            feeds[spec.name] = np.ones(shape, spec.dtype)
+        elif spec.elem_type in (TensorProto.INT64, TensorProto.INT32) and "position" in lowered:
+            feeds[spec.name] = np.broadcast_to(past + np.arange(shape[-1], dtype=spec.dtype), shape).copy()
+        elif spec.elem_type in (TensorProto.INT64, TensorProto.INT32):
+            feeds[spec.name] = rng.integers(0, vocab, shape, dtype=spec.dtype)
+        elif spec.dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
-            shape = [batch, tokens] + [s for s in i.shape[2:]]
-            if not all(isinstance(s, int) for s in shape):
-                fail(f"input '{i.name}' has dynamic dims beyond batch and sequence: {i.shape}")
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+            fail(f"input '{spec.name}' has type {spec.type_name}, which this benchmark cannot generate")
     return feeds
 
 

@@ -10,9 +10,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from passes.errors import run_cli
-from passes.onnx_io import load_model
-from passes.report import table
+from passes.support.errors import run_cli
+from passes.support.onnx_io import load_model
+from passes.support.report import table
 
 
 def main(argv: list[str] | None = None) -> int:

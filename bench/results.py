@@ -55,8 +55,8 @@ def write_result(name: str, data: dict, directory: str | Path | None = None) -> 
 
 
 def result_json(path: str | Path, data: dict) -> Path:
-    """Write {environment, **data} to `path`, atomically, mode 0644 (passes.outputs.write_json)."""
-    from passes.outputs import write_json
+    """Write {environment, **data} to `path`, atomically, mode 0644 (passes.support.outputs.write_json)."""
+    from passes.support.outputs import write_json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, {"environment": environment(), **data})

@@ -25,12 +25,12 @@ from bench.results import write_result
 from exporters.foreign import export_forms
 from models.reference import reference_logits
 from models.smollm2 import smollm2_transformers
-from passes.calibration import calibration_for
 from passes.drop_attention import main as drop_main
 from passes.fuse import main as fuse_main
-from passes.onnx_io import load_model, ort_session
-from passes.report import table
-from passes.stream import find_stream
+from passes.pipeline.stream import find_stream
+from passes.support.calibration import calibration_for
+from passes.support.onnx_io import load_model, ort_session
+from passes.support.report import table
 
 DROPPED = [5, 6, 7, 17, 18, 25, 26, 29]
 GROUPS = [(4, 6), (16, 17), (24, 25)]

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from passes.errors import fail, run_cli
+from passes.support.errors import fail, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -61,7 +61,7 @@ DOC = ROOT / "docs" / "smollm2.md"
 NAME = "smollm2_study"
 SOURCE = "smollm2"
 LAYERS = 30
-AUTO_DEFAULT = None          # None: the fuse CLI's default threshold (passes.plan_auto.DEFAULT_THRESHOLD)
+AUTO_DEFAULT = None          # None: the fuse CLI's default threshold (passes.pipeline.plan_auto.DEFAULT_THRESHOLD)
 AUTO_LOOSE = 0.1
 DEFAULT_GPU_VARIANTS = ("ranked8/auto@0.1", "ranked8/paper", "last12/paper")
 FACTS_PPL = 18.2             # FACTS.md: SmolLM2 perplexity on 2048 tokens (8 x 256) of this text
@@ -196,10 +196,10 @@ def export_check(study: Study, evaluation: np.ndarray, fp32: Path, fp16: Path) -
 # ---------------------------------------------------------------------------------------------- plans
 
 def chains_of(path: Path):
-    from passes.chains import find_chains
-    from passes.graph import GraphIndex
-    from passes.match import match_ffn_blocks
-    from passes.onnx_io import load_model
+    from passes.pipeline.chains import find_chains
+    from passes.pipeline.match import match_ffn_blocks
+    from passes.support.graph import GraphIndex
+    from passes.support.onnx_io import load_model
     model = load_model(path)
     index = GraphIndex.build(model.proto.graph)
     blocks = match_ffn_blocks(model.proto, index).blocks
@@ -207,8 +207,8 @@ def chains_of(path: Path):
 
 
 def metrics_from_record(record: dict):
-    """passes.analysis.Metrics rebuilt from a fuse report's auto_plan entry (M measured once, reused)."""
-    from passes.analysis import Cost, Metrics
+    """passes.pipeline.analysis.Metrics rebuilt from a fuse report's auto_plan entry (M measured once, reused)."""
+    from passes.pipeline.analysis import Cost, Metrics
     dep = record["dependency"]
     ordinals = dep["ordinals"]
     return Metrics(ordinals=ordinals,
@@ -244,7 +244,7 @@ def even_split(ordinals: list[int], stages: int) -> list[tuple[int, int]]:
 def equal_depth_pairs(chains, metrics) -> list[dict]:
     """For every depth the auto plan reaches as the threshold grows: the smallest threshold reaching it, its
     groups, and the even split with the same number of stages in every chain (both keep each chain's last block)."""
-    from passes.plan_auto import plan_from_metrics
+    from passes.pipeline.plan_auto import plan_from_metrics
     values = sorted({v for row in metrics.dependency for v in row if v is not None and v > 0})
     pairs, seen = [], set()
     for t in values:
@@ -316,9 +316,10 @@ def run_study(args) -> dict:
     from exporters.export import main as export_main
     from passes.analyze import main as analyze_main
     from passes.drop_attention import main as drop_main
-    from passes.fuse import fuse_file, main as fuse_main
-    from passes.plan import Group
-    from passes.plan_auto import DEFAULT_THRESHOLD, plan_from_metrics
+    from passes.fuse import fuse_file
+    from passes.fuse import main as fuse_main
+    from passes.pipeline.plan import Group
+    from passes.pipeline.plan_auto import DEFAULT_THRESHOLD, plan_from_metrics
 
     out = Path(args.out).resolve()
     models = out / "models"
@@ -1012,8 +1013,8 @@ def prepare_gpu(args) -> int:
         if args.source == SOURCE:
             ids = corpus_ids()[:2 * 64].reshape(2, 64)
         else:   # a same-shape preset has no tokenizer: random token ids check the wiring just as well
-            from passes.calibration import vocab_sizes
-            from passes.onnx_io import load_model
+            from passes.support.calibration import vocab_sizes
+            from passes.support.onnx_io import load_model
             vocab = next(iter(vocab_sizes(load_model(decode).proto).values()))
             ids = np.random.default_rng(0).integers(0, vocab, (2, 64), dtype=np.int64)
         prefill = out / "verify" / "smollm2.prefill.onnx"

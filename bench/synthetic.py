@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.errors import fail, run_cli
-from passes.onnx_io import ModelOutput, NewTensor, np_dtype, save_model
+from passes.support.errors import fail, run_cli
+from passes.support.onnx_io import ModelOutput, NewTensor, np_dtype, save_model
 
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 

@@ -13,7 +13,7 @@ import statistics
 import sys
 
 from bench.results import write_result
-from passes.report import table
+from passes.support.report import table
 
 
 def _rmsnorm(x, eps=1e-5):

@@ -40,8 +40,8 @@ import torch
 from models.config import DecoderConfig
 from models.decoder import DecodeStep, PuzzleDecoder
 from models.loaders import load_model, resolve_source
-from passes import onnx_io
-from passes.errors import UserError, run_cli
+from passes.support import onnx_io
+from passes.support.errors import UserError, run_cli
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORTERS = ("torchscript", "dynamo")
@@ -243,7 +243,7 @@ def export_onnx(
     graph: "prefill" (input_ids -> logits) or "decode" (one step with a KV cache; see the module docstring).
 
     external_data: "always" -> weights in one file PATH.data; "auto" -> only above 1.8 GB of weights; "never".
-    Written with passes.onnx_io (weights streamed, external tensors page-aligned, deterministic serialization),
+    Written with passes.support.onnx_io (weights streamed, external tensors page-aligned, deterministic serialization),
     then verified with onnx.checker and an onnxruntime CPU session (skipped for bf16 when this onnxruntime has
     no bf16 CPU kernels: see ort_cpu_runs_bf16) before it replaces `path`.
     """

@@ -14,7 +14,7 @@ from pathlib import Path
 from models.config import DecoderConfig
 from models.decoder import PuzzleDecoder
 from models.loaders import hf_tensor_names
-from passes.errors import UserError
+from passes.support.errors import UserError
 
 
 def _block_configs(config: DecoderConfig) -> list[dict]:

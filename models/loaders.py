@@ -16,7 +16,7 @@ from models.config import DecoderConfig, LayerSpec, Llama3RopeScaling
 from models.decoder import PuzzleDecoder
 from models.presets import PRESETS, build_preset
 from models.smollm2 import smollm2_gguf_path
-from passes.errors import UserError
+from passes.support.errors import UserError
 
 SMOLLM2 = "smollm2"
 

@@ -23,7 +23,7 @@ import torch
 
 from models.config import DecoderConfig, LayerSpec
 from models.decoder import PuzzleDecoder
-from passes.errors import UserError
+from passes.support.errors import UserError
 
 SEED = 1234
 

@@ -2,7 +2,7 @@
 
 Measures, on calibration inputs through onnxruntime, how much each FFN block changes the residual stream and how
 much each block depends on each earlier one (the dependency matrix M of arXiv 2503.18908; definitions in
-passes/analysis.py and DESIGN.md). Small M[i][j]: block j barely notices block i, so they can run in parallel.
+passes/pipeline/analysis.py and DESIGN.md). Small M[i][j]: block j barely notices block i, so they can run in parallel.
 
 Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, selected (ordinals analyzed),
 inputs (source, shapes; a warning for random tokens), tokens, metrics {ordinal: {cosdist_io, ratio}},
@@ -16,15 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from passes.analysis import SCOPES, compute_metrics, parse_block_spec
-from passes.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
-from passes.errors import fail, run_cli
-from passes.onnx_io import load_model
-from passes.outputs import Staging, check_output
-from passes.plots import blocks_plot_path
-from passes.ranges import spans
-from passes.report import table
-from passes.structure import model_structure
+from passes.pipeline.analysis import SCOPES, compute_metrics, parse_block_spec
+from passes.pipeline.structure import model_structure
+from passes.support.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
+from passes.support.errors import fail, run_cli
+from passes.support.onnx_io import load_model
+from passes.support.outputs import Staging, check_output
+from passes.support.plots import blocks_plot_path
+from passes.support.ranges import spans
+from passes.support.report import table
 
 
 def _positive_int(text: str) -> int:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     with Staging() as staging:
         staging.json(out, report)
         if plot is not None:
-            from passes.plots import plot_blocks, plot_dependency
+            from passes.support.plots import plot_blocks, plot_dependency
             plot_dependency(metrics, structure.chains, staging.path(plot), title=f"FFN dependency matrix M: {Path(args.model).name}")
             plot_blocks(metrics, structure.chains, staging.path(blocks_plot_path(plot)),
                         title=f"Per-block metrics: {Path(args.model).name}")

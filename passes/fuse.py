@@ -13,17 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from passes.calibration import calibration_for
-from passes.change import change_summary, measure_change
-from passes.errors import fail, run_cli
-from passes.fusion import fuse_model, write_fused
-from passes.onnx_io import check_not_input, load_model
-from passes.outputs import Staging, check_output
-from passes.plan import paper_rule, parse_groups
-from passes.plan_auto import DEFAULT_THRESHOLD, auto_plan
-from passes.ranges import spans
-from passes.report import table
-from passes.structure import ModelStructure, model_structure
+from passes.pipeline.change import change_summary, measure_change
+from passes.pipeline.fusion import fuse_model, write_fused
+from passes.pipeline.plan import paper_rule, parse_groups
+from passes.pipeline.plan_auto import DEFAULT_THRESHOLD, auto_plan
+from passes.pipeline.structure import ModelStructure, model_structure
+from passes.support.calibration import calibration_for
+from passes.support.errors import fail, run_cli
+from passes.support.onnx_io import check_not_input, load_model
+from passes.support.outputs import Staging, check_output
+from passes.support.ranges import spans
+from passes.support.report import table
 
 
 def summary(report: dict, seconds: float) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-
 LAYERS, VOCAB, HIDDEN, WIDTH, HEADS, KV_HEADS = 6, 512, 64, 160, 4, 2
 
 
@@ -30,6 +29,7 @@ def llama(seed: int = 0):
 def tokenizer():
     """A byte-level BPE tokenizer with VOCAB entries, trained offline on CPython's documentation text."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())

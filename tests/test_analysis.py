@@ -1,4 +1,4 @@
-"""passes.analysis / passes.calibration / passes.analyze against an independent torch computation.
+"""passes.pipeline.analysis / passes.support.calibration / passes.analyze against an independent torch computation.
 
 The reference runs the torch ResidualStack layer by layer, recording each FFN's input x_t and contribution h_t,
 and re-runs it with FFN i adding nothing for every removal; distances use 1 - a.b / (|a||b|) directly.
@@ -16,10 +16,17 @@ import onnx
 import pytest
 import torch
 
-from passes.analysis import compute_metrics, parse_block_spec
-from passes.calibration import (calibration_for, check_inputs, load_calibration, load_inputs, random_inputs,
-                                save_inputs_npz, vocab_sizes)
-from passes.errors import UserError
+from passes.pipeline.analysis import compute_metrics, parse_block_spec
+from passes.support.calibration import (
+    calibration_for,
+    check_inputs,
+    load_calibration,
+    load_inputs,
+    random_inputs,
+    vocab_sizes,
+)
+from passes.support.errors import UserError
+from passes.support.input_files import save_inputs_npz
 from tests.residual_models import FFN, ResidualStack, TinyLM, export, export_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,11 +321,13 @@ def test_cli_bad_inputs_exit_2(lm, tmp_path):
 def test_skip_simplified_layernorm_graph(lm, tmp_path):
     """onnxruntime-optimized form: the residual add of block t is the next block's SkipSimplifiedLayerNormalization;
     removing block t feeds that node zeros. Metrics equal those of the plain export."""
-    from onnxruntime.transformers.fusion_simplified_layernorm import (FusionSimplifiedLayerNormalization,
-                                                                      FusionSkipSimplifiedLayerNormalization)
+    from onnxruntime.transformers.fusion_simplified_layernorm import (
+        FusionSimplifiedLayerNormalization,
+        FusionSkipSimplifiedLayerNormalization,
+    )
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from passes.match import match_ffn_blocks
+    from passes.pipeline.match import match_ffn_blocks
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(lm["path"])))
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input]}
     rename = {}
@@ -347,7 +356,7 @@ def test_skip_simplified_layernorm_graph(lm, tmp_path):
 
 
 def test_passes_do_not_import_torch():
-    code = ("import sys, passes.analyze, passes.analysis, passes.calibration, passes.plan_auto, passes.plots; "
+    code = ("import sys, passes.analyze, passes.pipeline.analysis, passes.support.calibration, passes.pipeline.plan_auto, passes.support.plots; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == 0
 

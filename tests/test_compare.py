@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from bench import compare as bc
-from passes.errors import UserError
-from passes.fusion import fuse_file
+from bench import comparison
+from passes.pipeline.fusion import fuse_file
+from passes.support.calibration import random_inputs, vocab_sizes
+from passes.support.errors import UserError
 from tests.residual_models import ResidualStack, TinyLM, export, export_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +67,10 @@ def test_fused_stack_differs_reports_where_and_exit_1(models, tmp_path, capsys):
     row = report["outputs"]["y"]["iterations"][0]
     assert row["passed"] is False and report["exit_code"] == 1
     # polygraphy's statistics are the plain ones, recomputed here from independent onnxruntime runs
-    feeds, _ = bc.random_inputs(bc.model_interface(models["stack"]), 1, 16, bc.DEFAULT_SEED)
-    o = ort_run(models["stack"], feeds[0]).astype(np.float64)
-    f = ort_run(models["stack.fused"], feeds[0]).astype(np.float64)
+    proto = onnx.load(str(models["stack"]))
+    feeds = random_inputs(proto, vocab_sizes(proto), batch=1, seq=16, seed=comparison.DEFAULT_SEED).feeds
+    o = ort_run(models["stack"], feeds).astype(np.float64)
+    f = ort_run(models["stack.fused"], feeds).astype(np.float64)
     diff = np.abs(f - o)
     assert row["mean_absdiff"] == pytest.approx(diff.mean(), rel=1e-5)
     assert row["max_absdiff"] == pytest.approx(diff.max(), rel=1e-5)
@@ -81,20 +84,20 @@ def test_fused_stack_differs_reports_where_and_exit_1(models, tmp_path, capsys):
 def test_identical_model_passes_and_loose_tolerance_passes(models, capsys):
     assert bc.main([str(models["stack"]), str(models["stack.copy"])]) == 0
     assert "result: PASSED" in capsys.readouterr().out
-    report = bc.compare(models["stack"], models["stack.copy"])
+    report = comparison.compare(models["stack"], models["stack.copy"])
     assert report["outputs"]["y"]["iterations"][0]["max_absdiff"] == 0.0
     assert bc.main([str(models["stack"]), str(models["stack.fused"]), "--atol", "100"]) == 0
 
 
 def test_default_tolerance_depends_on_output_type(models):
-    r16 = bc.compare(models["stack16"], models["stack16.fused"], shape=(2, 4))
+    r16 = comparison.compare(models["stack16"], models["stack16.fused"], shape=(2, 4))
     y = r16["outputs"]["y"]
     assert y["dtype"] == "float16" and y["atol"] == y["rtol"] == 1e-2
-    assert r16["inputs"]["tensors"]["x"] == {"dtype": "float16", "shape": [2, 4, 32], "values": "uniform in [0, 1]"}
-    assert bc.compare(models["stack16"], models["stack16.fused"], shape=(2, 4), atol=0.5)["outputs"]["y"]["atol"] == 0.5
-    assert bc.default_tolerance(onnx.TensorProto.FLOAT) == 1e-3
-    assert bc.default_tolerance(onnx.TensorProto.FLOAT16) == 1e-2
-    assert bc.default_tolerance(onnx.TensorProto.BFLOAT16) == 3e-2
+    assert r16["inputs"]["tensors"]["x"] == {"dtype": "float16", "shape": [2, 4, 32]}
+    assert comparison.compare(models["stack16"], models["stack16.fused"], shape=(2, 4), atol=0.5)["outputs"]["y"]["atol"] == 0.5
+    assert comparison.default_tolerance(onnx.TensorProto.FLOAT) == 1e-3
+    assert comparison.default_tolerance(onnx.TensorProto.FLOAT16) == 1e-2
+    assert comparison.default_tolerance(onnx.TensorProto.BFLOAT16) == 3e-2
 
 
 def test_language_model_metrics_match_independent_computation(models, tmp_path, capsys):
@@ -131,32 +134,32 @@ def test_language_model_metrics_match_independent_computation(models, tmp_path, 
 
 
 def test_random_token_ids_stay_in_vocabulary_and_no_perplexity(models, capsys):
-    iface = bc.model_interface(models["lm"])
+    iface = comparison.model_interface(models["lm"])
     assert iface.vocab == VOCAB and iface.token_input == "input_ids"
-    feeds, described = bc.random_inputs(iface, 3, 40, seed=5)
-    ids = feeds[0]["input_ids"]
+    calib, record = comparison.comparison_inputs(iface, None, (3, 40), seed=5)
+    ids = calib.feeds["input_ids"]
     assert ids.shape == (3, 40) and ids.dtype == np.int64
     assert ids.min() >= 0 and ids.max() <= VOCAB - 1 and len(np.unique(ids)) > VOCAB // 2
-    assert described["input_ids"]["values"] == f"token ids in [0, {VOCAB - 1}]"
+    assert record["source"] == "random" and "random tokens" in record["description"]
     assert bc.main([str(models["lm"]), str(models["lm.fused"]), "--shape", "3x40", "--seed", "5"]) == 1
     text = capsys.readouterr().out
-    assert "inputs: RANDOM" in text and f"[0, {VOCAB - 1}]" in text and "[3, 40]" in text
+    assert "inputs: RANDOM" in text and "[3, 40]" in text
     assert "no perplexity: inputs are random token ids" in text
 
 
 def test_bad_inputs_are_user_errors(models, tmp_path):
     with pytest.raises(UserError, match="different inputs"):
-        bc.compare(models["stack"], models["lm"])
+        comparison.compare(models["stack"], models["lm"])
     with pytest.raises(UserError, match="is float16 in stack16.onnx but float32"):
-        bc.compare(models["stack16"], models["stack.fused"])
+        comparison.compare(models["stack16"], models["stack.fused"])
     with pytest.raises(UserError, match="no such file"):
-        bc.compare(models["stack"], tmp_path / "missing.onnx")
+        comparison.compare(models["stack"], tmp_path / "missing.onnx")
     np.savez(tmp_path / "wrong.npz", tokens=np.zeros((1, 4), np.int64))
     with pytest.raises(UserError, match="input_ids"):
-        bc.compare(models["lm"], models["lm.fused"], inputs=tmp_path / "wrong.npz")
+        comparison.compare(models["lm"], models["lm.fused"], inputs=tmp_path / "wrong.npz")
     np.savez(tmp_path / "oov.npz", input_ids=np.full((1, 4), VOCAB, np.int64))
     with pytest.raises(UserError, match="vocabulary"):
-        bc.compare(models["lm"], models["lm.fused"], inputs=tmp_path / "oov.npz")
+        comparison.compare(models["lm"], models["lm.fused"], inputs=tmp_path / "oov.npz")
     # the CLI: one line on stderr, exit 2, no traceback
     proc = subprocess.run([sys.executable, "-m", "bench.compare", str(models["stack"]), str(models["lm"])],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -174,8 +177,8 @@ def test_external_data_models(models, tmp_path, monkeypatch):
                   location=f"{name}.onnx.data", size_threshold=0)
     assert (ext / "lm.onnx").stat().st_size < (ext / "lm.onnx.data").stat().st_size
     monkeypatch.chdir(tmp_path)          # relative external data resolves next to the model, not the cwd
-    inline = bc.compare(models["lm"], models["lm.fused"], inputs=models["text"])
-    external = bc.compare(ext / "lm.onnx", ext / "lm.fused.onnx", inputs=models["text"])
+    inline = comparison.compare(models["lm"], models["lm.fused"], inputs=models["text"])
+    external = comparison.compare(ext / "lm.onnx", ext / "lm.fused.onnx", inputs=models["text"])
     assert external["language_model"]["kl_mean"] == inline["language_model"]["kl_mean"]
     assert external["outputs"]["logits"]["iterations"][0]["max_absdiff"] == \
         inline["outputs"]["logits"]["iterations"][0]["max_absdiff"]

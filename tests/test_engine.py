@@ -13,8 +13,8 @@ import torch
 from onnx import TensorProto, helper
 
 from bench import engine as be
-from passes.errors import UserError
-from passes.fusion import fuse_file
+from passes.pipeline.fusion import fuse_file
+from passes.support.errors import UserError
 from tests.residual_models import ResidualStack, export
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import torch
 from exporters.export import export_onnx, ort_cpu_runs_bf16
 from models import PRESETS, build_preset, load_model
 from models.checkpoints import save_hf_checkpoint
-from passes import onnx_io
-from passes.errors import UserError
+from passes.support import onnx_io
+from passes.support.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(2, 9), (1, 17)]  # two batch/sequence sizes through one session: both axes are dynamic

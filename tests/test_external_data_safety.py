@@ -24,8 +24,8 @@ import pytest
 
 from exporters.export import export_onnx
 from models.presets import build_preset
-from passes.errors import UserError, run_cli
-from passes.onnx_io import load_model
+from passes.support.errors import UserError, run_cli
+from passes.support.onnx_io import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT = "layers.2.ffn.gate_proj.weight_t"

@@ -15,13 +15,13 @@ import numpy as np
 import onnx
 import pytest
 
-from passes.calibration import calibration_for
-from passes.drop_attention import main as drop_main
-from passes.fuse import main as fuse_main
-from passes.onnx_io import load_model, ort_session
-from passes.stream import find_stream
 from exporters.foreign import FORMS
 from models.reference import reference_logits
+from passes.drop_attention import main as drop_main
+from passes.fuse import main as fuse_main
+from passes.pipeline.stream import find_stream
+from passes.support.calibration import calibration_for
+from passes.support.onnx_io import load_model, ort_session
 from tests.foreign_models import LAYERS, VOCAB
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,12 +17,12 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-
-from passes.fusion import fuse_file
-from passes.fuse import main as fuse_main
-from passes.match import match_ffn_blocks
-from passes.plan import Group
 from residual_models import REPO, cached_export, ort_run, parallel_reference, rel_err, run_fuse_cli
+
+from passes.fuse import main as fuse_main
+from passes.pipeline.fusion import fuse_file
+from passes.pipeline.match import match_ffn_blocks
+from passes.pipeline.plan import Group
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
 
@@ -422,7 +422,7 @@ def test_passes_never_import_torch(tmp_path):
     _, path = cached_export(LAYOUT, widths=WIDTHS, seed=3)
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import passes.fuse, passes.match, passes.chains, passes.plan, passes.rewrite, passes.onnx_io\n"
+        "import passes.fuse, passes.pipeline.match, passes.pipeline.chains, passes.pipeline.plan, passes.pipeline.rewrite, passes.support.onnx_io\n"
         f"assert passes.fuse.main([{str(path)!r}, '-o', {str(tmp_path / 'f.onnx')!r}]) == 0\n"
         "assert 'torch' in sys.modules and sys.modules['torch'] is None\n"
     )
@@ -430,3 +430,25 @@ def test_passes_never_import_torch(tmp_path):
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "f.onnx").is_file()
+
+
+@pytest.mark.parametrize("preset, dtype, options, exported, fused", [
+    ("puzzle-small", "fp32", [], "e25ff69273d01f556965b22088d8c1f185f16d21fccb9b8a37de1bd5d9dc0be3",
+     "b2d6e6a2e0a5162871fc05c4651f86680ea8e8cb0bf1f1f95f717c6b8d763f53"),
+    ("puzzle-tiny", "fp16", ["--merge-gate-up", "--groups", "2-4"],
+     "1372396b3129715c32adcd7e14d59e7decb44337f0bf5b885ccb9178d6dbc822",
+     "ad207ce19f286d01ef9a7bf4a744abef7519f60698467cf2d4ef46d2d078ac0e"),
+])
+def test_fused_bytes_are_pinned(tmp_path, preset, dtype, options, exported, fused):
+    """The same input and options give the same bytes as the fusion pass wrote on 2026-11-30 (before the code was
+    reorganized): a refactoring that changes a single byte of the output fails here. The export is pinned too, so
+    a failure says which of the two changed."""
+    import hashlib
+
+    from exporters.export import export_onnx
+    from models.presets import build_preset
+    from passes.fuse import main as fuse_main
+    source = export_onnx(build_preset(preset)[0], tmp_path / "m.onnx", dtype)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == exported, "the exporter's bytes changed"
+    assert fuse_main([str(source), "-o", str(tmp_path / "f.onnx"), *options]) == 0
+    assert hashlib.sha256((tmp_path / "f.onnx").read_bytes()).hexdigest() == fused

@@ -2,7 +2,7 @@
 
 Unchanged: exit 0, says there was nothing to fuse, writes an equivalent model. Refused: exit 2, exactly one
 line `error: ...` on stderr, no traceback, no output file (nor temporary files) left, the input untouched.
-Most cases run the CLI in this process through passes.errors.run_cli (what `python -m passes.fuse` runs);
+Most cases run the CLI in this process through passes.support.errors.run_cli (what `python -m passes.fuse` runs);
 a subset runs the real command in a subprocess for the exit-code contract.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import onnx
 import pytest
 import torch
 from onnx import helper
-
-from passes.errors import run_cli
-from passes.fuse import main as fuse_main
 from residual_models import cached_export, ort_run, parallel_reference, rel_err, run_fuse_cli
+
+from passes.fuse import main as fuse_main
+from passes.support.errors import run_cli
 
 D = 32
 

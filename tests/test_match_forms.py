@@ -18,13 +18,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-
-from passes.chains import find_chains
-from passes.fusion import fuse_file
-from passes.graph import GraphIndex
-from passes.match import match_ffn_blocks
-from passes.plan import Group
 from residual_models import cached_export, ort_run, parallel_reference, rel_err
+
+from passes.pipeline.chains import find_chains
+from passes.pipeline.fusion import fuse_file
+from passes.pipeline.match import match_ffn_blocks
+from passes.pipeline.plan import Group
+from passes.support.graph import GraphIndex
 
 D = 16
 

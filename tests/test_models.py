@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 import subprocess
 import sys
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 
 from models import PRESETS, build_preset, load_model, load_tokenizer, smollm2_gguf_path
 from models.checkpoints import save_hf_checkpoint
-from passes.errors import UserError
+from passes.support.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}

@@ -1,4 +1,4 @@
-"""passes.plan_auto: planning from the dependency matrix, auto_plan end to end, and measure_change."""
+"""passes.pipeline.plan_auto: planning from the dependency matrix, auto_plan end to end, and measure_change."""
 from __future__ import annotations
 
 import itertools
@@ -7,20 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from passes.analysis import Cost, Metrics
-from passes.calibration import save_inputs_npz
-from passes.chains import Chain
-from passes.errors import UserError
-from passes.fusion import fuse_file
-from passes.plan import Group, paper_rule
-from passes.change import measure_change, next_token_agreement
-from passes.calibration import calibration_for
-from passes.onnx_io import load_model
-from passes.plan_auto import auto_plan, plan_from_metrics
-from passes.structure import model_structure
-from tests.residual_models import ResidualStack, export, parallel_reference
-from tests.residual_models import TinyLM, export_lm
-from tests.test_analysis import D, VOCAB
+from passes.pipeline.analysis import Cost, Metrics
+from passes.pipeline.chains import Chain
+from passes.pipeline.change import measure_change, next_token_agreement
+from passes.pipeline.fusion import fuse_file
+from passes.pipeline.plan import Group, paper_rule
+from passes.pipeline.plan_auto import auto_plan, plan_from_metrics
+from passes.pipeline.structure import model_structure
+from passes.support.calibration import calibration_for
+from passes.support.errors import UserError
+from passes.support.input_files import save_inputs_npz
+from passes.support.onnx_io import load_model
+from tests.residual_models import ResidualStack, TinyLM, export, export_lm, parallel_reference
+from tests.test_analysis import VOCAB, D
 
 
 def metrics_from(matrix: np.ndarray, ordinals=None) -> Metrics:

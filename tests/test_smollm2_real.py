@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from exporters.export import export_onnx
 from models import load_model, load_tokenizer, smollm2_gguf_path
 from passes.drop_attention import main as drop_main
-from passes.stream import find_stream
 from passes.fuse import main as fuse_main
+from passes.pipeline.stream import find_stream
 
 REPO = Path(__file__).resolve().parents[1]
 DROPPED = [26, 27, 28, 29]      # attention removed here, so FFN blocks 25..29 form one chain

@@ -1,17 +1,17 @@
 """Stage 4, plan: which contiguous runs ("groups") of each chain to fuse.
 
 A group [a, z] (written "a-z") is fused into one FFN: x + sum_{t=a..z} FFN_t(n(x) * g_t).
-Plans come from the user (`--groups`), from the paper's rule, or from measured dependencies (passes.analysis).
+Plans come from the user (`--groups`), from the paper's rule, or from measured dependencies (passes.pipeline.analysis).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from passes.chains import Chain
-from passes.errors import fail
-from passes.match import FFNBlock
-from passes.ranges import parse_ranges
+from passes.pipeline.chains import Chain
+from passes.pipeline.match import FFNBlock
+from passes.support.errors import fail
+from passes.support.ranges import parse_ranges
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from passes.errors import fail
+from passes.support.errors import fail
 
 
 def check_output(path: Path, what: str, *inputs: Path, suffix: str | None = None) -> None:

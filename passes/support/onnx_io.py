@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.errors import fail
-from passes.outputs import Staging
+from passes.support.errors import fail
+from passes.support.outputs import Staging
 
 PROTOBUF_LIMIT = 1_800_000_000     # write external data above this many bytes of tensors (protobuf caps at 2 GiB)
 INLINE_BYTES = 1024                # tensors smaller than this stay inside the protobuf

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto
 
-from passes.graph import GraphIndex, attribute
+from passes.support.graph import GraphIndex, attribute
 
 FUSED_NORMS = ("SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization")
 SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
@@ -186,7 +186,7 @@ def _sublayer_from(index: GraphIndex, types: dict[str, int], x: str, seeds: list
     r_node = index.node(r)
     branch = visited
     if any(k > r for k in branch):   # the walk went past R through a shared node: keep only what R does not feed
-        branch = branch - _forward_cone(index, r)
+        branch = branch - index.forward_cone(r)
     if not branch:
         return None
     a = r_node.input[a_slot]
@@ -200,17 +200,6 @@ def _sublayer_from(index: GraphIndex, types: dict[str, int], x: str, seeds: list
             "residual_out": x_out, "contribution": a, "residual_node": r, "residual_node_name": index.node_label(r),
             "residual_ports": (x_slot, a_slot), "branch": tuple(sorted(branch)), "local_outputs": local,
             "data_type": types.get(a) or types.get(x) or _element_type(index, a)}
-
-
-def _forward_cone(index: GraphIndex, start: int) -> set[int]:
-    cone, stack = {start}, [start]
-    while stack:
-        for out in index.node(stack.pop()).output:
-            for c in index.consumer_ids(out):
-                if c not in cone:
-                    cone.add(c)
-                    stack.append(c)
-    return cone
 
 
 def _is_attention(index: GraphIndex, k: int) -> bool:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from passes.chains import Chain, find_chains
-from passes.graph import GraphIndex
-from passes.match import FFNBlock, Rejection, match_ffn_blocks
-from passes.report import structure_record
+from passes.pipeline.chains import Chain, find_chains
+from passes.pipeline.match import FFNBlock, Rejection, match_ffn_blocks
+from passes.support.graph import GraphIndex
+from passes.support.report import structure_record
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Calibration inputs for passes.analysis and the auto plan: load them from a file, validate them, or make them.
+"""Calibration inputs for passes.pipeline.analysis and the auto plan: load them from a file, validate them, or make them.
 
 Sources:
-  FILE.npz   one array per graph input, by name (np.savez; see `save_inputs_npz`);
+  FILE.npz   one array per graph input, by name (np.savez; see passes.support.input_files);
   FILE.json  polygraphy's `--save-inputs` format: a JSON list of feed dicts {name: array}. Feeds whose shapes
              agree except on the first (batch) axis are concatenated along it; otherwise the first feed is used
              and the source description says so.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -27,7 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.errors import fail
+from passes.support.errors import fail
+from passes.support.input_files import read_inputs_file
 
 DEFAULT_BATCH = 4
 DEFAULT_SEQ = 128
@@ -184,22 +184,8 @@ def load_calibration(path: str | os.PathLike, session_inputs, vocab: Mapping[str
     `token_feeds`). With a ModelProto as `session_inputs` and no `vocab`, the vocabulary comes from the model."""
     if vocab is None and isinstance(session_inputs, onnx.ModelProto):
         vocab = vocab_sizes(session_inputs)
-    path = Path(path)
-    if not path.exists():
-        fail(f"inputs file {path}: no such file")
-    if not path.is_file():
-        fail(f"inputs file {path}: not a file")
-    if path.stat().st_size == 0:
-        fail(f"inputs file {path} is empty")
-    notes: list[str] = []
-    if _looks_like_zip(path):
-        raw, source = _read_npz(path), f"{path} (npz)"
-    else:
-        raw = _read_token_json(path, session_inputs, vocab or {})
-        source = f"{path} (JSON token ids)"
-        if raw is None:
-            raw, source = _read_polygraphy_json(path, notes), f"{path} (polygraphy inputs JSON)"
     specs = input_specs(session_inputs)
+    raw, source, notes = read_inputs_file(Path(path), next((s.name for s in specs if s.name in (vocab or {})), None))
     missing = [s.name for s in specs if s.name not in raw]
     tokens = [name for name in raw if name in (vocab or {})]
     if missing and tokens and not [n for n in raw if n not in {s.name for s in specs}]:
@@ -208,95 +194,6 @@ def load_calibration(path: str | os.PathLike, session_inputs, vocab: Mapping[str
         notes += made_notes
     feeds = check_inputs(raw, session_inputs, vocab, where=str(path))
     return Calibration(feeds, source, None, notes)
-
-
-def _read_token_json(path: Path, session_inputs, vocab: Mapping[str, int]) -> dict[str, np.ndarray] | None:
-    """Token ids from a plain JSON file, or None when the file is not one (polygraphy's format, say)."""
-    import json
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(data, Mapping) and data and all(_is_int_rows(v) for v in data.values()):
-        return {name: _int_array(path, rows) for name, rows in data.items()}
-    if _is_int_rows(data):
-        names = [s.name for s in input_specs(session_inputs) if s.name in vocab]
-        if not names:
-            fail(f"inputs file {path} holds token ids, but the model has no token input (no embedding table found)")
-        return {names[0]: _int_array(path, data)}
-    return None
-
-
-def _is_int_rows(value) -> bool:
-    """A non-empty list of ints, or a non-empty list of non-empty lists of ints."""
-    if not isinstance(value, list) or not value:
-        return False
-    rows = value if isinstance(value[0], list) else [value]
-    return all(isinstance(r, list) and r and all(isinstance(t, int) and not isinstance(t, bool) for t in r) for r in rows)
-
-
-def _int_array(path: Path, rows) -> np.ndarray:
-    rows = rows if isinstance(rows[0], list) else [rows]
-    lengths = sorted({len(r) for r in rows})
-    if len(lengths) > 1:
-        fail(f"inputs file {path}: token rows have different lengths ({lengths[0]}..{lengths[-1]}); give rows of equal length")
-    return np.asarray(rows, dtype=np.int64)
-
-
-def _looks_like_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name]) for name in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        fail(f"inputs file {path} is not a readable .npz ({type(exc).__name__}: {_first_line(exc)})")
-    if not arrays:
-        fail(f"inputs file {path} holds no arrays")
-    return arrays
-
-
-def _read_polygraphy_json(path: Path, notes: list[str]) -> dict[str, np.ndarray]:
-    try:
-        from polygraphy.json import load_json
-    except ImportError:  # pragma: no cover - polygraphy is a dependency
-        fail(f"inputs file {path} is not an .npz, and polygraphy (needed to read JSON inputs) is not installed")
-    try:
-        data = load_json(str(path))
-    except Exception as exc:   # json, base64 and numpy errors
-        fail(f"inputs file {path} is neither an .npz nor a polygraphy inputs JSON ({type(exc).__name__}: {_first_line(exc)})")
-    if isinstance(data, Mapping):
-        data = [data]
-    if not isinstance(data, list) or not data or not all(isinstance(d, Mapping) for d in data):
-        fail(f"inputs file {path}: expected a JSON list of feed dicts (polygraphy run --save-inputs), found {type(data).__name__}"
-             f"{' (empty)' if isinstance(data, list) and not data else ''}")
-    feeds = []
-    for k, feed in enumerate(data):
-        if not feed:
-            fail(f"inputs file {path}: feed {k} is empty")
-        bad = [name for name, value in feed.items() if not isinstance(value, np.ndarray)]
-        if bad:
-            fail(f"inputs file {path}: feed {k} input '{bad[0]}' is not an array")
-        feeds.append(dict(feed))
-    if len(feeds) == 1:
-        return feeds[0]
-    names = list(feeds[0])
-    same_names = all(list(f) == names for f in feeds)
-    stackable = same_names and all(
-        f[n].ndim >= 1 and f[n].ndim == feeds[0][n].ndim and f[n].shape[1:] == feeds[0][n].shape[1:] for f in feeds for n in names)
-    if stackable:
-        notes.append(f"{len(feeds)} feeds concatenated along the first axis")
-        return {n: np.concatenate([f[n] for f in feeds], axis=0) for n in names}
-    notes.append(f"{len(feeds)} feeds with different shapes: only the first is used")
-    return feeds[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "unreadable"
 
 
 # ---------------------------------------------------------------- validation
@@ -372,29 +269,42 @@ def _is_cache(spec: InputSpec) -> bool:
     return spec.elem_type in _FLOAT_TYPES and ("past" in spec.name.lower() or "cache" in spec.name.lower())
 
 
-def concrete_shape(spec: InputSpec, batch: int, seq: int, hints: Mapping[str, int]) -> tuple[int, ...]:
-    """The one rule for dynamic dimensions: fixed dims stay; axis 0 is the batch; in a KV-cache input the past
-    axis (a dim named like "past") is 0, the others come from `hints` (head_size, num_key_value_heads of the
-    runtime config) by position (axis 1 heads, last axis head size); every other dynamic dim is the sequence."""
+def dimension_role(spec: InputSpec, axis: int) -> str:
+    """The one rule for what a dimension of a graph input is: "fixed" (a number in the graph), "batch" (dynamic
+    axis 0), in a KV-cache input "past" (a dim named like "past"), "num_key_value_heads" (axis 1) or "head_size"
+    (the last axis), "total" (a dim named like "total": past + new tokens, as an attention mask over the cache),
+    else "seq" (the new tokens)."""
+    d = spec.shape[axis]
+    name = str(d or "").lower()
+    if isinstance(d, int) and d > 0:
+        return "fixed"
+    if axis == 0:
+        return "batch"
+    if _is_cache(spec):
+        if "past" in name:
+            return "past"
+        return "head_size" if axis == len(spec.shape) - 1 else "num_key_value_heads" if axis == 1 else "unknown"
+    return "total" if "total" in name else "seq"
+
+
+def concrete_shape(spec: InputSpec, batch: int, seq: int, hints: Mapping[str, int], past: int = 0) -> tuple[int, ...]:
+    """The shape of one input for `batch` rows of `seq` new tokens after `past` cached ones (dimension_role);
+    cache dimensions the graph leaves dynamic come from `hints` (head_size, num_key_value_heads)."""
     if spec.shape is None:
         fail(f"input '{spec.name}' has unknown rank; pass --inputs")
+    sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
     shape = []
     for axis, d in enumerate(spec.shape):
-        name = str(d or "").lower()
-        if isinstance(d, int) and d > 0:
-            shape.append(d)
-        elif axis == 0:
-            shape.append(batch)
-        elif _is_cache(spec) and "past" in name:
-            shape.append(0)
-        elif _is_cache(spec):
-            key = "head_size" if axis == len(spec.shape) - 1 else "num_key_value_heads" if axis == 1 else None
-            if key not in hints:
-                fail(f"KV-cache input '{spec.name}' has a dynamic dimension '{d or '?'}' (axis {axis}) whose size is not "
-                     f"known; pass --inputs with that input")
-            shape.append(int(hints[key]))
+        role = dimension_role(spec, axis)
+        if role == "fixed":
+            shape.append(int(d))
+        elif role in sizes:
+            shape.append(sizes[role])
+        elif role in hints:
+            shape.append(int(hints[role]))
         else:
-            shape.append(seq)
+            fail(f"KV-cache input '{spec.name}' has a dynamic dimension '{d or '?'}' (axis {axis}) whose size is not "
+                 f"known; pass --inputs with that input")
     return tuple(shape)
 
 
@@ -465,7 +375,7 @@ def cache_hints(model: onnx.ModelProto, model_path: Path | None = None) -> dict[
     """Sizes of KV-cache dimensions the graph leaves dynamic: from an onnxruntime-genai config beside the model,
     else from a GroupQueryAttention's attributes and its packed QKV projection ([d, (heads + 2 kv_heads) x head])."""
     if model_path is not None:
-        from passes.genai import genai_folder
+        from passes.support.genai import genai_folder
         folder = genai_folder(Path(model_path))
         if folder is not None:
             return {k: int(folder.decoder[k]) for k in ("head_size", "num_key_value_heads")
@@ -494,7 +404,7 @@ def feeds_for_tokens(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 def calibration_for(model, inputs=None, *, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
                     seed: int = DEFAULT_SEED, warn: bool = True) -> Calibration:
-    """Calibration inputs for `model` (a passes.onnx_io.LoadedModel, or an onnx ModelProto): `inputs` is a path
+    """Calibration inputs for `model` (a passes.support.onnx_io.LoadedModel, or an onnx ModelProto): `inputs` is a path
     (see load_calibration), a dict of arrays, a Calibration, or None (random; the warning goes to stderr when
     `warn`)."""
     proto = getattr(model, "proto", model)
@@ -511,18 +421,6 @@ def calibration_for(model, inputs=None, *, batch: int = DEFAULT_BATCH, seq: int 
     if warn and calib.warning:
         print(f"warning: {calib.warning}", file=sys.stderr)
     return calib
-
-
-def save_inputs_npz(path: str | os.PathLike, feeds: Mapping[str, np.ndarray]) -> Path:
-    """Write feeds {input name: array} to `path` exactly (no '.npz' appended), readable by --inputs."""
-    path = Path(path)
-    if not feeds:
-        raise ValueError("no arrays to save")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **{name: np.asarray(a) for name, a in feeds.items()})
-    os.replace(tmp, path)
-    return path
 
 
 def token_count(feeds: Mapping[str, np.ndarray]) -> int:

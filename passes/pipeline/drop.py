@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper
 
-from passes.errors import fail
-from passes.builder import NodeBuilder
-from passes.graph import attribute, default_opset, drop_unused, live_nodes
-from passes.onnx_io import LoadedModel, ModelOutput
-from passes.stream import SKIP_NORMS, Sublayer
+from passes.pipeline.stream import SKIP_NORMS, Sublayer
+from passes.support.builder import NodeBuilder
+from passes.support.errors import fail
+from passes.support.graph import attribute, default_opset, drop_unused, live_nodes
+from passes.support.onnx_io import LoadedModel, ModelOutput
 
 
 @dataclass
@@ -98,7 +98,7 @@ def drop_sublayers(model: LoadedModel, chosen: list[Sublayer]) -> tuple[ModelOut
 def _feeders(graph: onnx.GraphProto, branch: tuple[int, ...], x: str) -> set[int]:
     """Every node the branch reads from, directly or not, without looking past the stream tensor x: the branch's
     own constants, its cast of a shared mask, the shared mask and rotary tables themselves. Only those nobody
-    else reads go with the branch (passes.graph.live_nodes decides)."""
+    else reads go with the branch (passes.support.graph.live_nodes decides)."""
     producer = {o: k for k, node in enumerate(graph.node) for o in node.output if o}
     found: set[int] = set()
     todo = [name for k in branch for name in graph.node[k].input if name]

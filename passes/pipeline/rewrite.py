@@ -22,12 +22,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.builder import NodeBuilder
-from passes.errors import fail
-from passes.graph import default_opset, drop_unused, live_nodes
-from passes.match import FFNBlock, WeightRef
-from passes.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype, tensor_array
-from passes.plan import Group
+from passes.pipeline.match import FFNBlock
+from passes.pipeline.patterns import WeightRef
+from passes.pipeline.plan import Group
+from passes.support.builder import NodeBuilder
+from passes.support.errors import fail
+from passes.support.graph import default_opset, drop_unused, live_nodes
+from passes.support.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype, tensor_array
 
 
 @dataclass

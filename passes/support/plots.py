@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from passes.analysis import Metrics
-from passes.chains import Chain
+from passes.pipeline.analysis import Metrics
+from passes.pipeline.chains import Chain
 
 
 def _pyplot():

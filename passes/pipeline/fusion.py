@@ -1,19 +1,19 @@
-"""Fusing a model: stage 5 (passes.rewrite) over a loaded model and its structure, with the record every report
+"""Fusing a model: stage 5 (passes.pipeline.rewrite) over a loaded model and its structure, with the record every report
 shares; and `fuse_file`, the whole pipeline in one call (load, match, chains, plan, rewrite, verify, write)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from passes.errors import fail
-from passes.genai import genai_folder, side_files
-from passes.match import match_ffn_blocks
-from passes.onnx_io import LoadedModel, ModelOutput, load_model, save_model
-from passes.outputs import Staging
-from passes.plan import Group, check_groups, paper_rule
-from passes.report import count
-from passes.rewrite import fuse_groups, group_prefixes
-from passes.structure import ModelStructure, model_structure
+from passes.pipeline.match import match_ffn_blocks
+from passes.pipeline.plan import Group, check_groups, paper_rule
+from passes.pipeline.rewrite import fuse_groups, group_prefixes
+from passes.pipeline.structure import ModelStructure, model_structure
+from passes.support.errors import fail
+from passes.support.genai import genai_folder, side_files
+from passes.support.onnx_io import LoadedModel, ModelOutput, load_model, save_model
+from passes.support.outputs import Staging
+from passes.support.report import count
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from passes.errors import fail
+from passes.support.errors import fail
 
 CONFIG = "genai_config.json"
 CACHE_TEMPLATES = (("inputs", "past_key_names"), ("inputs", "past_value_names"),

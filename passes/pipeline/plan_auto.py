@@ -8,7 +8,7 @@ element type and RMSNorm eps, and the group stays within max_group blocks. Becau
 is admissible too, this greedy partition uses the fewest groups (so the fewest sequential FFN stages) that the
 threshold allows; it does not balance group sizes.
 
-`auto_plan` = calibration inputs -> passes.analysis (M measured only between blocks of one chain, and only for
+`auto_plan` = calibration inputs -> passes.pipeline.analysis (M measured only between blocks of one chain, and only for
 the blocks that could be fused) -> plan_from_metrics. `measure_change` runs the original and fused models on the
 same inputs and reports output errors and, for language models, the KL divergence and top-1 agreement of the
 next-token distributions.
@@ -18,15 +18,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-
-from passes.analysis import Metrics, compute_metrics
-from passes.calibration import Calibration
-from passes.chains import Chain
-from passes.errors import fail
-from passes.match import FFNBlock
-from passes.onnx_io import LoadedModel
-from passes.plan import Group
-from passes.structure import ModelStructure
+from passes.pipeline.analysis import Metrics, compute_metrics
+from passes.pipeline.chains import Chain
+from passes.pipeline.match import FFNBlock
+from passes.pipeline.plan import Group
+from passes.pipeline.structure import ModelStructure
+from passes.support.calibration import Calibration
+from passes.support.errors import fail
+from passes.support.onnx_io import LoadedModel
 
 # Default for --threshold. Measured (fuse one group, compare next-token distributions on held-out inputs):
 #   SmolLM2-135M with attention removed from layers 25-29 (real weights, pydoc text, 1024 tokens): pairs with

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from passes.graph import GraphIndex
-from passes.match import FFNBlock
+from passes.pipeline.match import FFNBlock
+from passes.support.graph import GraphIndex
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Nodes are identified by their position in `graph.node` (names may be missing or 
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -12,28 +13,67 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+_NONDETERMINISTIC = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
+
 
 @dataclass
 class GraphIndex:
+    """Producers and readers of every tensor of the top-level graph. A node reads its inputs and, through
+    subgraph attributes (If, Loop, Scan), every outer-scope name its subgraphs use."""
     graph: onnx.GraphProto
     producer: dict[str, int] = field(default_factory=dict)          # tensor -> index of the node that writes it
     consumers: dict[str, list[int]] = field(default_factory=dict)   # tensor -> indices of nodes that read it
+    reads: list[list[str]] = field(default_factory=list)            # per node: the names it reads
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    sparse_initializers: dict[str, onnx.SparseTensorProto] = field(default_factory=dict)
+    inputs: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)   # graph inputs that are not initializers
     graph_outputs: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, graph: onnx.GraphProto) -> "GraphIndex":
         index = cls(graph)
         index.initializers = {t.name: t for t in graph.initializer}
+        index.sparse_initializers = {t.values.name: t for t in graph.sparse_initializer}
+        index.inputs = {v.name: v for v in graph.input
+                        if v.name not in index.initializers and v.name not in index.sparse_initializers}
         index.graph_outputs = {o.name for o in graph.output}
+        index.reads = [_reads(node) for node in graph.node]
         for i, node in enumerate(graph.node):
             for name in node.output:
                 if name:
                     index.producer[name] = i
-            for name in node.input:
-                if name:
-                    index.consumers.setdefault(name, []).append(i)
+            for name in index.reads[i]:
+                index.consumers.setdefault(name, []).append(i)
         return index
+
+    @functools.cached_property
+    def constant_nodes(self) -> frozenset[int]:
+        """Nodes that compute only from initializers and other constant nodes (Constant, weight Cast/Transpose,
+        shape arithmetic on constants); random ops never are. A fixed point over the node list, so it holds for
+        graphs that are not topologically sorted."""
+        constant: set[int] = set()
+        changed = True
+        while changed:
+            changed = False
+            for k, node in enumerate(self.graph.node):
+                if k in constant or node.op_type in _NONDETERMINISTIC:
+                    continue
+                if all(name in self.initializers or name in self.sparse_initializers or self.producer.get(name) in constant
+                       for name in self.reads[k]):
+                    constant.add(k)
+                    changed = True
+        return frozenset(constant)
+
+    def forward_cone(self, start: int) -> set[int]:
+        """Node `start` and every node that depends on it."""
+        cone, stack = {start}, [start]
+        while stack:
+            for out in self.graph.node[stack.pop()].output:
+                for c in self.consumers.get(out, []):
+                    if c not in cone:
+                        cone.add(c)
+                        stack.append(c)
+        return cone
 
     def node(self, i: int) -> onnx.NodeProto:
         return self.graph.node[i]
@@ -71,6 +111,25 @@ class GraphIndex:
     def node_label(self, i: int) -> str:
         node = self.graph.node[i]
         return node.name or f"<unnamed {node.op_type} #{i}>"
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The node's inputs and the outer-scope names its subgraphs read."""
+    names = [n for n in node.input if n]
+    for graph in _subgraphs(node):
+        defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+        names += [name for n in graph.node for name in _reads(n) if name not in defined]
+    return names
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from passes.chains import Chain
-from passes.match import FFNBlock, Rejection
+from passes.pipeline.chains import Chain
+from passes.pipeline.match import FFNBlock, Rejection
 
 
 @dataclass

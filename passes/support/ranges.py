@@ -1,7 +1,7 @@
 """Ranges on command lines (`2-5,7,9-10`: block ordinals, layers, groups) and their compact printed form."""
 from __future__ import annotations
 
-from passes.errors import fail
+from passes.support.errors import fail
 
 
 def parse_ranges(spec: str, option: str, example: str = "2-5,7") -> list[tuple[int, int]]:

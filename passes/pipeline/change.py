@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from passes.calibration import calibration_for
-from passes.errors import fail
-from passes.onnx_io import LoadedModel, load_model, ort_session, run_session
+from passes.support.calibration import calibration_for
+from passes.support.errors import fail
+from passes.support.onnx_io import LoadedModel, load_model, ort_session, run_session
 
 TOKEN_CHUNK = 256      # next-token metrics are computed this many tokens at a time (vocab-sized float64 rows)
 

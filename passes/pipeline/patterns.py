@@ -1,21 +1,8 @@
-"""Stage 1, match: find every pre-norm SwiGLU FFN block on the residual stream.
-
-A block computes, for residual input x (last dim d):
-    n(x) = x / sqrt(mean(x^2, -1) + eps),   h = n(x) * g
-    y    = (silu(h @ Wg + bg) * (h @ Wu + bu)) @ Wd + bd
-    x'   = x + y
-Recognized forms (torch.onnx TorchScript and dynamo exports, onnxruntime-optimized graphs):
-  norm      Pow(x,2)|Mul(x,x) -> ReduceMean(-1) -> Add eps -> Sqrt -> Div | Reciprocal/Div(1,.)+Mul, optional Cast
-            to float32 and back, gain Mul on either side; or SimplifiedLayerNormalization, RMSNormalization,
-            SkipSimplifiedLayerNormalization (whose output 3 is x, the residual add of the block before it);
-  SiLU      Mul(g, Sigmoid(g)) in either order, Swish(alpha=1), or com.microsoft QuickGelu(alpha=1) (what
-            onnxruntime's QuickGeluFusion makes of Sigmoid+Mul);
-  linear    MatMul with an initializer weight, possibly behind Transpose(perm=[1,0]) and/or Cast; optional
-            bias Add; or Gemm(alpha=beta=1) on 2-D input; gate and up may be the two halves of one packed
-            linear layer cut by Split(axis=-1) (what the rewrite writes with merge_gate_up);
-  residual  Add(x, y) in either order, or the next SkipSimplifiedLayerNormalization(y, x) without bias.
-Matching only reads the graph. Every Sigmoid/Swish/QuickGelu that does not lead to a complete block becomes a
-`Rejection` naming the node and the check that failed.
+"""The sub-patterns FFN matching is built from (passes.pipeline.match): constant weights behind Transpose and Cast,
+linear layers (MatMul / Gemm with an optional bias Add, or one packed gate|up layer cut by Split), and the
+normalization h = n(x) * gains in its decomposed and fused forms. Each parser walks the graph from a tensor and
+either returns what it found with the node indices it used, or raises NoMatch naming the node and the check that
+failed. They only read the graph.
 """
 from __future__ import annotations
 
@@ -25,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from passes.graph import GraphIndex, attribute
+from passes.support.graph import GraphIndex, attribute
 
 SKIP_NORM = "SkipSimplifiedLayerNormalization"
 NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization", SKIP_NORM)
@@ -65,74 +52,15 @@ class Norm:
     gains: tuple[WeightRef, ...]
 
 
-@dataclass(frozen=True)
-class FFNBlock:
-    ordinal: int
-    residual_in: str                 # x, as the residual add reads it
-    stream_in: str                   # the tensor entering the block: x, or the input of an identity Cast producing x
-    residual_out: str                # x' = x + y ("" when the sum is never materialized)
-    hidden: str                      # h
-    contribution: str                # y = FFN(h), what the block adds to the residual stream
-    norm: Norm
-    gate: WeightRef
-    up: WeightRef
-    down: WeightRef
-    gate_bias: WeightRef | None
-    up_bias: WeightRef | None
-    down_bias: WeightRef | None
-    hidden_size: int                 # d
-    width: int                       # m
-    data_type: int                   # ONNX element type of x, h and the weights
-    nodes: tuple[int, ...]           # node indices from the norm to y, in graph order
-    node_names: tuple[str, ...]
-    residual_node: int               # node computing x + y (an Add, or the next SkipSimplifiedLayerNormalization)
-    residual_node_name: str
-    residual_ports: tuple[int, int]  # input slots of x and y on the residual node
-
-
-@dataclass(frozen=True)
-class Rejection:
-    node: str     # the activation node the candidate was anchored on, or the node where matching stopped
-    check: str    # which check failed
-
-
-@dataclass
-class MatchResult:
-    blocks: list[FFNBlock]
-    rejections: list[Rejection]
-
-
 class NoMatch(Exception):
     def __init__(self, node: str, check: str):
         super().__init__(check)
         self.node, self.check = node, check
 
 
-def match_ffn_blocks(model: onnx.ModelProto, index: GraphIndex | None = None) -> MatchResult:
-    """All FFN blocks in residual-stream (graph) order with ordinals, and why each other candidate failed."""
-    index = index or GraphIndex.build(model.graph)
-    constants = _constant_nodes(index)
-    found, rejections = [], []
-    for i, node in enumerate(model.graph.node):
-        if node.op_type not in ("Sigmoid", "Swish") and (node.op_type, node.domain) != ("QuickGelu", "com.microsoft"):
-            continue
-        try:
-            found.append(_match_from_activation(index, i, constants))
-        except NoMatch as miss:
-            rejections.append(Rejection(f"{index.node_label(i)} (at {miss.node})", miss.check))
-    found.sort(key=lambda b: b.residual_node)
-    blocks = [_with_ordinal(b, k) for k, b in enumerate(found)]
-    return MatchResult(blocks, rejections)
-
-
-def _with_ordinal(block: FFNBlock, ordinal: int) -> FFNBlock:
-    from dataclasses import replace
-    return replace(block, ordinal=ordinal)
-
-
 # ---------------------------------------------------------------- helpers over the index
 
-def _only_consumer(index: GraphIndex, tensor: str, where: str) -> tuple[int, onnx.NodeProto]:
+def only_consumer(index: GraphIndex, tensor: str, where: str) -> tuple[int, onnx.NodeProto]:
     users = index.consumer_ids(tensor)
     if len(users) != 1 or index.is_graph_output(tensor):
         raise NoMatch(where, f"tensor '{tensor}' must feed exactly one node (has {len(users)} consumers"
@@ -147,7 +75,7 @@ def _producer(index: GraphIndex, tensor: str, where: str) -> tuple[int, onnx.Nod
     return found
 
 
-def _other_input(node: onnx.NodeProto, tensor: str, where: str) -> str:
+def other_input(node: onnx.NodeProto, tensor: str, where: str) -> str:
     ins = list(node.input)
     if len(ins) != 2 or tensor not in ins:
         raise NoMatch(where, f"{node.op_type} must take '{tensor}' and one other input")
@@ -176,7 +104,7 @@ def _weight(index: GraphIndex, tensor: str, where: str, rank: int) -> tuple[Weig
     return WeightRef(tensor, tuple(proto.dims), transposed, cast_to, proto.data_type), used
 
 
-def _is_unused_elsewhere(index: GraphIndex, tensor: str, allowed: set[int]) -> bool:
+def is_unused_elsewhere(index: GraphIndex, tensor: str, allowed: set[int]) -> bool:
     return not index.is_graph_output(tensor) and all(c in allowed for c in index.consumer_ids(tensor))
 
 
@@ -191,7 +119,7 @@ class _Linear:
     nodes: list[int]
 
 
-def _linear_producing(index: GraphIndex, tensor: str, where: str) -> _Linear:
+def linear_producing(index: GraphIndex, tensor: str, where: str) -> _Linear:
     """tensor = input @ W (+ b)."""
     j, node = _producer(index, tensor, where)
     bias, nodes = None, []
@@ -201,7 +129,7 @@ def _linear_producing(index: GraphIndex, tensor: str, where: str) -> _Linear:
             if index.constant_tensor(bias_name) is not None or _resolves_to_initializer(index, bias_name):
                 bias, bias_nodes = _weight(index, bias_name, index.node_label(j), rank=1)
                 nodes += [j] + bias_nodes
-                _only_consumer(index, mm_out, index.node_label(j))
+                only_consumer(index, mm_out, index.node_label(j))
                 j, node = _producer(index, mm_out, index.node_label(j))
                 break
         else:
@@ -227,7 +155,7 @@ def _linear_producing(index: GraphIndex, tensor: str, where: str) -> _Linear:
     return _Linear(node.input[0], tensor, weight, bias, [j] + weight_nodes + nodes)
 
 
-def _packed_gate_up(index: GraphIndex, gate_out: str, up_out: str) -> tuple[_Linear, _Linear] | None:
+def packed_gate_up(index: GraphIndex, gate_out: str, up_out: str) -> tuple[_Linear, _Linear] | None:
     """gate and up as the two equal halves of one linear layer, cut by Split(axis=-1); None if not this form."""
     found = index.producer_node(gate_out)
     if found is None or found[1].op_type != "Split" or index.producer_node(up_out) != found:
@@ -236,16 +164,11 @@ def _packed_gate_up(index: GraphIndex, gate_out: str, up_out: str) -> tuple[_Lin
     label = index.node_label(j)
     if len(split.output) != 2 or attribute(split, "axis", 0) != -1:
         raise NoMatch(label, "a packed gate|up Split must cut the last axis (axis=-1) into two outputs")
-    packed = _linear_producing(index, split.input[0], label)
+    packed = linear_producing(index, split.input[0], label)
     total = packed.weight.shape[1]
     nodes = packed.nodes + [j]
-    sizes = attribute(split, "split")
-    if sizes is None and len(split.input) > 1 and split.input[1]:
-        value = index.small_constant(split.input[1])
-        sizes = None if value is None else value.tolist()
-        if index.producer_node(split.input[1]):
-            nodes.append(index.producer[split.input[1]])
-    elif sizes is None:
+    sizes = _attribute_or_input(index, split, "split", 1, nodes)
+    if sizes is None and not (len(split.input) > 1 and split.input[1]):
         sizes = [total // 2] * 2
     if sizes is None or len(sizes) != 2 or sizes[0] != sizes[1] or sum(sizes) != total:
         raise NoMatch(label, f"packed gate|up Split sizes {sizes} are not two equal halves of {total}")
@@ -266,9 +189,9 @@ def _resolves_to_initializer(index: GraphIndex, tensor: str) -> bool:
         return False
 
 
-def _linear_consuming(index: GraphIndex, tensor: str, where: str) -> _Linear:
+def linear_consuming(index: GraphIndex, tensor: str, where: str) -> _Linear:
     """The single linear layer reading `tensor`, followed by an optional bias Add."""
-    j, node = _only_consumer(index, tensor, where)
+    j, node = only_consumer(index, tensor, where)
     if node.op_type not in ("MatMul", "Gemm") or node.input[0] != tensor:
         raise NoMatch(index.node_label(j), f"down projection must be a MatMul/Gemm reading '{tensor}' as its first input, found {node.op_type}")
     out = node.output[0]
@@ -276,14 +199,14 @@ def _linear_consuming(index: GraphIndex, tensor: str, where: str) -> _Linear:
     if len(users) == 1 and not index.is_graph_output(out) and node.op_type == "MatMul":
         k = users[0]
         add = index.node(k)
-        if add.op_type == "Add" and _resolves_to_initializer(index, _other_input(add, out, index.node_label(k))):
+        if add.op_type == "Add" and _resolves_to_initializer(index, other_input(add, out, index.node_label(k))):
             out = add.output[0]
-    return _linear_producing(index, out, where)
+    return linear_producing(index, out, where)
 
 
 # ---------------------------------------------------------------- normalization
 
-def _norm_producing(index: GraphIndex, hidden: str, where: str) -> tuple[str, str | None, Norm, list[int]]:
+def norm_producing(index: GraphIndex, hidden: str, where: str) -> tuple[str, str | None, Norm, list[int]]:
     """Parse h = n(x) * gains back to x. Returns x, the float32 Cast of x if any, the Norm and the nodes used."""
     gains, nodes = [], []
     tensor = hidden
@@ -383,12 +306,7 @@ def _decomposed_norm(index, tensor, where, nodes, gains):
     label = index.node_label(j)
     if mean.op_type != "ReduceMean":
         raise NoMatch(label, f"expected ReduceMean, found {mean.op_type}")
-    axes = attribute(mean, "axes")
-    if axes is None and len(mean.input) > 1 and mean.input[1]:
-        value = index.small_constant(mean.input[1])
-        axes = None if value is None else value.tolist()
-        if index.producer_node(mean.input[1]):
-            nodes.append(index.producer[mean.input[1]])
+    axes = _attribute_or_input(index, mean, "axes", 1, nodes)
     if axes is None or list(np.ravel(axes)) != [-1] or attribute(mean, "keepdims", 1) != 1:
         raise NoMatch(label, f"ReduceMean must reduce axis -1 with keepdims (axes={axes})")
     nodes.append(j)
@@ -410,25 +328,19 @@ def _decomposed_norm(index, tensor, where, nodes, gains):
     return x, cast_out, Norm("decomposed", eps, tuple(gains)), nodes
 
 
-def _constant_nodes(index: GraphIndex) -> set[int]:
-    """Constant nodes and nodes computing only from initializers and constants (weight Transpose/Cast).
-
-    A fixed point over the node list, not a recursion: a recursion walked the residual stream back to the graph
-    input for every block node (RecursionError beyond a few hundred layers) and never ended on a cycle."""
-    constant: set[int] = set()
-    changed = True
-    while changed:
-        changed = False
-        for k, node in enumerate(index.graph.node):
-            if k not in constant and (node.op_type == "Constant" or all(
-                    not name or name in index.initializers or index.producer.get(name) in constant
-                    for name in node.input)):
-                constant.add(k)
-                changed = True
-    return constant
+def _attribute_or_input(index: GraphIndex, node: onnx.NodeProto, name: str, slot: int, nodes: list[int]):
+    """A list-valued setting given as attribute `name` (older opsets) or as constant input `slot` (newer ones);
+    the Constant node producing the input joins `nodes`. None when absent or not constant."""
+    value = attribute(node, name)
+    if value is None and len(node.input) > slot and node.input[slot]:
+        constant = index.small_constant(node.input[slot])
+        value = None if constant is None else constant.tolist()
+        if index.producer_node(node.input[slot]):
+            nodes.append(index.producer[node.input[slot]])
+    return value
 
 
-def _float_source(index: GraphIndex, tensor: str) -> str:
+def float_source(index: GraphIndex, tensor: str) -> str:
     """s for tensor = Cast(s, to=float32), else tensor. Two float32 Casts of one tensor hold the same values
     (onnxruntime's CPU fp16 graphs add one for the residual Add beside the norm's own)."""
     found = index.producer_node(tensor)
@@ -440,94 +352,3 @@ def _float_source(index: GraphIndex, tensor: str) -> str:
 def _is_scalar(index: GraphIndex, tensor: str, expected: float) -> bool:
     value = index.small_constant(tensor, max_elements=1)
     return value is not None and float(value.reshape(())) == expected
-
-
-# ---------------------------------------------------------------- the block
-
-def _match_from_activation(index: GraphIndex, act_id: int, constants: set[int]) -> FFNBlock:
-    act = index.node(act_id)
-    where = index.node_label(act_id)
-    gate_out = act.input[0]
-    if act.op_type in ("Swish", "QuickGelu"):
-        # QuickGelu's alpha defaults to 1.702 (a GELU approximation); only alpha = 1 is SiLU
-        if attribute(act, "alpha", 1.0 if act.op_type == "Swish" else 1.702) != 1.0:
-            raise NoMatch(where, f"{act.op_type} with alpha != 1 is not SiLU")
-        silu_id, silu_out = act_id, act.output[0]
-        silu_nodes = [act_id]
-    else:
-        users = [k for k in index.consumer_ids(act.output[0])]
-        if len(users) != 1 or index.node(users[0]).op_type != "Mul":
-            raise NoMatch(where, "Sigmoid output must feed exactly one Mul (SiLU)")
-        silu_id = users[0]
-        if sorted(index.node(silu_id).input) != sorted([gate_out, act.output[0]]):
-            raise NoMatch(index.node_label(silu_id), "Mul is not g * sigmoid(g)")
-        silu_out = index.node(silu_id).output[0]
-        silu_nodes = [act_id, silu_id]
-    gate_users = set(index.consumer_ids(gate_out))
-    if gate_users != set(silu_nodes) or index.is_graph_output(gate_out):
-        raise NoMatch(where, f"gate tensor '{gate_out}' is used outside the SiLU")
-    mul_id, mul = _only_consumer(index, silu_out, index.node_label(silu_id))
-    if mul.op_type != "Mul":
-        raise NoMatch(index.node_label(mul_id), f"SiLU output must be multiplied by the up projection, found {mul.op_type}")
-    up_out = _other_input(mul, silu_out, index.node_label(mul_id))
-    hidden_act = mul.output[0]
-
-    packed = _packed_gate_up(index, gate_out, up_out)
-    if packed is not None:
-        gate, up = packed
-    else:
-        gate = _linear_producing(index, gate_out, where)
-        up = _linear_producing(index, up_out, index.node_label(mul_id))
-    if gate.input != up.input:
-        raise NoMatch(where, "gate and up projections read different tensors")
-    if set(index.consumer_ids(up_out)) != {mul_id} or index.is_graph_output(up_out):
-        raise NoMatch(index.node_label(mul_id), f"up tensor '{up_out}' is used outside the block")
-    down = _linear_consuming(index, hidden_act, index.node_label(mul_id))
-    y = down.output
-
-    hidden = gate.input
-    stream, cast_out, norm, norm_nodes = _norm_producing(index, hidden, where)
-    x = stream
-
-    r_id, r_node = _only_consumer(index, y, index.node_label(down.nodes[0]))
-    r_label = index.node_label(r_id)
-    if r_node.op_type == "Add":
-        x = _other_input(r_node, y, r_label)
-        if x not in (stream, cast_out) and _float_source(index, x) != _float_source(index, stream):
-            raise NoMatch(r_label, "the down projection is not added to the block's own residual input")
-        ports = (list(r_node.input).index(x), list(r_node.input).index(y))
-        x_out = r_node.output[0]
-    elif r_node.op_type == SKIP_NORM and sorted(r_node.input[:2]) == sorted([stream, y]) and not (len(r_node.input) > 3 and r_node.input[3]):
-        ports = (list(r_node.input[:2]).index(x), list(r_node.input[:2]).index(y))
-        x_out = r_node.output[3] if len(r_node.output) > 3 else ""
-    else:
-        raise NoMatch(r_label, f"the down projection must be added to the residual input x, found {r_node.op_type}")
-
-    # shapes and types
-    d, m = gate.weight.shape
-    if up.weight.shape != (d, m) or down.weight.shape != (m, d):
-        raise NoMatch(where, f"weight shapes gate {gate.weight.shape}, up {up.weight.shape}, down {down.weight.shape} are not [d,m],[d,m],[m,d]")
-    if any(g.shape != (d,) for g in norm.gains):
-        raise NoMatch(where, f"norm gain shape {[g.shape for g in norm.gains]} is not ({d},)")
-    dtype = gate.weight.data_type
-    if {up.weight.data_type, down.weight.data_type} != {dtype}:
-        raise NoMatch(where, "gate, up and down weights have different element types")
-    if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
-        raise NoMatch(where, f"weights of type {TensorProto.DataType.Name(dtype)} are not supported")
-    if x != stream and dtype != TensorProto.FLOAT:
-        raise NoMatch(r_label, "the residual add reads the float32 Cast of x, but the block is not float32")
-
-    nodes = sorted(set(norm_nodes + gate.nodes + up.nodes + silu_nodes + [mul_id] + down.nodes))
-    for k in nodes:
-        if norm.kind == SKIP_NORM and x in index.node(k).output or k in constants:
-            continue   # the skip-norm also carries the previous residual add; weight casts may be shared
-        for out in index.node(k).output:
-            if out and out not in (x, y) and not _is_unused_elsewhere(index, out, set(nodes)):
-                raise NoMatch(index.node_label(k), f"intermediate tensor '{out}' is used outside the block")
-    return FFNBlock(
-        ordinal=-1, residual_in=x, stream_in=stream, residual_out=x_out, hidden=hidden, contribution=y, norm=norm,
-        gate=gate.weight, up=up.weight, down=down.weight,
-        gate_bias=gate.bias, up_bias=up.bias, down_bias=down.bias,
-        hidden_size=d, width=m, data_type=dtype,
-        nodes=tuple(nodes), node_names=tuple(index.node_label(k) for k in nodes),
-        residual_node=r_id, residual_node_name=r_label, residual_ports=ports)

@@ -1,0 +1,163 @@
+"""Stage 3, analysis: how much each FFN block changes the residual stream, and how much block j depends on block i.
+
+On calibration inputs X (tokens = all batch x sequence positions; norms and cosines over the last axis), with
+x_t the residual input of block t, h_t = FFN_t(n(x_t) g_t) its contribution and x'_t = x_t + h_t:
+    cosdist_io[t] = mean_tokens 1 - cos(x_t, x'_t)
+    ratio[t]      = mean_tokens |h_t| / |x_t|
+    M[i][j]       = mean_tokens 1 - cos(h_j(X), h_j^(-i)(X))   for i < j (0 for j <= i)
+where h_j^(-i) is block j's contribution when block i's contribution is removed (x'_i = x_i) and everything else
+runs as usual. 1 - cos(a, b) is computed in float64 as |a/|a| - b/|b||^2 / 2 (no cancellation for small
+distances); two zero vectors have distance 0, one zero vector distance 1.
+
+How it is computed, frugally, through onnxruntime (passes.pipeline.suffix.SuffixRuns): one base run of the graph
+cut down to what the selected blocks need, with every x_t, h_t exposed; then one removal run per selected block i
+that has a later block j to measure, of only the part of the graph downstream of block i, up to the last
+contribution needed. The whole matrix costs about n/2 forward-pass equivalents for n blocks (the report's cost).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from onnx import TensorProto
+
+from passes.pipeline.chains import Chain, find_chains
+from passes.pipeline.match import FFNBlock, match_ffn_blocks
+from passes.pipeline.suffix import Cost, SuffixRuns
+from passes.support.errors import fail
+from passes.support.graph import GraphIndex
+from passes.support.onnx_io import LoadedModel, load_model
+from passes.support.ranges import expand, parse_ranges
+
+SCOPES = ("all", "chains")
+
+
+@dataclass
+class Metrics:
+    """Per-block metrics and the dependency matrix for `ordinals` (ascending).
+
+    dependency[a][b] is M[ordinals[a]][ordinals[b]]: 0.0 for b <= a, None where it was not measured
+    (scope "chains": pairs in different chains)."""
+    ordinals: list[int]
+    cosdist_io: list[float]
+    ratio: list[float]
+    dependency: list[list[float | None]]
+    cost: Cost
+    tokens: int = 0
+    scope: str = "all"
+
+    def position(self, ordinal: int) -> int:
+        return self.ordinals.index(ordinal)
+
+    def m(self, i: int, j: int) -> float | None:
+        """M[i][j] by ordinals (None when not measured)."""
+        return self.dependency[self.position(i)][self.position(j)]
+
+    def record(self) -> dict:
+        """`metrics`, `dependency` and `cost` entries of the analyze report."""
+        return {
+            "metrics": {str(o): {"cosdist_io": _num(c), "ratio": _num(r)}
+                        for o, c, r in zip(self.ordinals, self.cosdist_io, self.ratio)},
+            "dependency": {"ordinals": list(self.ordinals), "scope": self.scope,
+                           "matrix": [[_num(v) for v in row] for row in self.dependency]},
+            "tokens": self.tokens,
+            "cost": self.cost.record(),
+        }
+
+
+def _num(value):
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
+
+
+# ---------------------------------------------------------------- distances
+
+def _unit_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a, dtype=np.float64)
+    a = a.reshape(-1, a.shape[-1])
+    norms = np.sqrt(np.einsum("td,td->t", a, a))
+    return a / np.where(norms > 0, norms, 1.0)[:, None], norms
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-token 1 - cos(a_t, b_t) over the last axis, in float64, as |a/|a| - b/|b||^2 / 2."""
+    ua, na = _unit_rows(a)
+    ub, nb = _unit_rows(b)
+    diff = ua - ub
+    dist = 0.5 * np.einsum("td,td->t", diff, diff)
+    return np.where((na == 0) != (nb == 0), 1.0, dist)
+
+
+def norm_ratio(h: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per-token |h_t| / |x_t| over the last axis (tokens with x_t = 0 give nan and are left out of means)."""
+    _, nh = _unit_rows(h)
+    _, nx = _unit_rows(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(nx > 0, nh / np.where(nx > 0, nx, 1.0), np.nan)
+
+
+def _mean(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
+    """'3-10' or '1,4,6-9' -> sorted unique ordinals; malformed or out of range -> UserError."""
+    if n_blocks == 0:
+        fail("the model has no FFN blocks")
+    ordinals = expand(parse_ranges(spec, "--blocks", "3-10 or 1,4,6-9"))
+    if ordinals[-1] >= n_blocks:
+        fail(f"block {ordinals[-1]} in --blocks '{spec}' is out of range: the model has {n_blocks} FFN blocks "
+             f"(ordinals 0-{n_blocks - 1})")
+    return ordinals
+
+
+def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], ordinals: Sequence[int] | None = None, *,
+                    scope: str = "all", progress: bool = True, blocks: list[FFNBlock] | None = None,
+                    chains: list[Chain] | None = None) -> Metrics:
+    """cosdist_io, ratio and the dependency matrix M for `ordinals` (default: every FFN block) on `feeds`
+    (already validated, see passes.support.calibration). scope "chains" measures M only between blocks of one chain."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}")
+    if not isinstance(model, LoadedModel):
+        model = load_model(model)
+    proto = model.proto
+    if blocks is None or (scope == "chains" and chains is None):
+        index = GraphIndex.build(proto.graph)
+        blocks = match_ffn_blocks(proto, index).blocks if blocks is None else blocks
+        chains = find_chains(blocks, index) if chains is None else chains
+    if not blocks:
+        fail("the model has no FFN blocks to analyze")
+    ordinals = sorted(set(range(len(blocks)) if ordinals is None else ordinals))
+    if not ordinals:
+        fail("no FFN blocks selected")
+    if ordinals[-1] >= len(blocks) or ordinals[0] < 0:
+        fail(f"block {ordinals[-1]} is out of range: the model has {len(blocks)} FFN blocks (ordinals 0-{len(blocks) - 1})")
+    chain_of = {o: k for k, c in enumerate(chains or []) for o in c.ordinals}
+    later: dict[int, list[int]] = {}
+    for a, i in enumerate(ordinals):
+        js = [j for j in ordinals[a + 1:] if scope == "all" or chain_of.get(j) == chain_of.get(i)]
+        if js:
+            later[i] = js
+    x_names = {o: blocks[o].residual_in for o in ordinals}
+    h_names = {o: blocks[o].contribution for o in ordinals}
+    bf16 = {name for b in blocks if b.data_type == TensorProto.BFLOAT16 for name in (b.residual_in, b.contribution)}
+    removals = [(blocks[i], [blocks[j].contribution for j in js], f"remove {i}") for i, js in later.items()]
+    with SuffixRuns(model, feeds, list(dict.fromkeys([*x_names.values(), *h_names.values()])), removals,
+                    float_names=bf16, progress=progress) as runs:
+        base = runs.base()
+        xs = {o: base[x_names[o]] for o in ordinals}
+        hs = {o: base[h_names[o]] for o in ordinals}
+        cosdist = [_mean(cosine_distance(xs[o], xs[o].astype(np.float64) + hs[o].astype(np.float64))) for o in ordinals]
+        ratio = [_mean(norm_ratio(hs[o], xs[o])) for o in ordinals]
+        tokens = int(hs[ordinals[0]].size // hs[ordinals[0]].shape[-1])
+        pos = {o: a for a, o in enumerate(ordinals)}
+        matrix: list[list[float | None]] = [[0.0 if b <= a else None for b in range(len(ordinals))] for a in range(len(ordinals))]
+        for k, i in enumerate(later):
+            result = runs.removal(k)
+            for j in later[i]:
+                matrix[pos[i]][pos[j]] = _mean(cosine_distance(hs[j], result[blocks[j].contribution]))
+        cost = runs.cost()
+    return Metrics(list(ordinals), cosdist, ratio, matrix, cost, tokens, scope)

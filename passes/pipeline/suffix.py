@@ -1,0 +1,300 @@
+"""Running part of a graph: one base run exposing every tensor needed later, then, for each removal of a
+contribution from the residual stream, a run of only the part of the graph downstream of it.
+
+A removal replaces the contribution a at its residual node by zeros (ConstantOfShape(Shape(x))), so x' = x + 0 = x
+exactly, whatever the node is (Add, or the next block's SkipSimplifiedLayerNormalization). Tensors the suffix
+reads from before the cut (x itself, rotary tables, masks, shapes) are fed from the base run as they were
+(onnxruntime values, any element type); constant subgraphs (weight casts and transposes) are kept in the suffix.
+The variants live in memory; external weights are read in place through the session's external-data folder;
+the user's file is never touched.
+
+Cost is reported in forward-pass equivalents: the sum over runs of the weight-MatMul FLOPs executed (per token:
+2 x the constant operand's size, for every MatMul / Gemm / MatMulNBits in the run) divided by those of one full
+forward pass of the original graph. Attention score products and elementwise work are not counted; the node-count
+fraction is reported beside it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from passes.support.calibration import ort_type_to_onnx
+from passes.support.errors import fail
+from passes.support.graph import GraphIndex
+from passes.support.onnx_io import LoadedModel, ort_session, run_session
+
+COST_DEFINITION = ("forward_pass_equivalents = sum over runs of the weight-MatMul FLOPs executed (MatMul/Gemm/MatMulNBits "
+                   "with a constant operand, 2 x its size per token) / the same for one full forward pass of the original "
+                   "model; attention score products and elementwise ops are not counted")
+_WEIGHT_PASSTHROUGH = ("Cast", "Transpose", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear")
+
+
+@dataclass
+class Cost:
+    forward_pass_equivalents: float   # see COST_DEFINITION
+    node_fraction: float              # sum over runs of (nodes in the run) / (nodes of the original graph)
+    seconds: float                    # wall time of the whole analysis (sessions, runs, metrics)
+    session_seconds: float            # of which creating onnxruntime sessions
+    runs: int
+    per_run: list[dict] = field(default_factory=list)   # {"run", "forward_pass_fraction", "nodes", "seconds"}
+    definition: str = COST_DEFINITION
+
+    def record(self) -> dict:
+        rec = asdict(self)
+        rec["forward_pass_equivalents"] = round(self.forward_pass_equivalents, 4)
+        rec["node_fraction"] = round(self.node_fraction, 4)
+        rec["seconds"] = round(self.seconds, 3)
+        rec["session_seconds"] = round(self.session_seconds, 3)
+        return rec
+
+
+def weight_flops(index: GraphIndex) -> list[float]:
+    """Per node: weight-MatMul FLOPs per token (2 x the size of a constant operand of MatMul / Gemm /
+    MatMulNBits, reached through Cast / Transpose / Reshape and the like), else 0."""
+    def weight_size(name: str) -> int | None:
+        for _ in range(16):
+            if name in index.initializers:
+                return int(np.prod(index.initializers[name].dims, dtype=np.int64))
+            k = index.producer.get(name)
+            if k is None or k not in index.constant_nodes:
+                return None
+            node = index.node(k)
+            if node.op_type not in _WEIGHT_PASSTHROUGH or not node.input:
+                return None
+            name = node.input[0]
+        return None
+
+    flops = []
+    for node in index.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            flops.append(2.0 * attrs.get("K", 0) * attrs.get("N", 0))
+        elif node.op_type in ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger") and len(node.input) >= 2:
+            sizes = [s for s in (weight_size(name) for name in node.input[:2]) if s]
+            flops.append(2.0 * sizes[0] if sizes else 0.0)
+        else:
+            flops.append(0.0)
+    return flops
+
+
+@dataclass
+class _Cut:
+    """A run: nodes to execute (original indices), tensors fed from the base run, graph inputs fed from the
+    calibration data, initializers used, and the residual node to rewire (None for the base run)."""
+    label: str
+    nodes: list[int]
+    boundary: list[str]
+    graph_inputs: list[str]
+    inits: list[str]
+    outputs: list[str]
+    removed: "Removable | None" = None
+    constant_targets: list[str] = field(default_factory=list)   # targets not downstream of the cut (h unchanged)
+
+
+def _cut(net: GraphIndex, targets: Sequence[str], removed: "Removable | None", label: str) -> _Cut:
+    """Walk back from `targets`. With `removed`, only nodes downstream of its residual node (and constant
+    subgraphs) are run; everything else they read becomes a boundary tensor fed from the base run."""
+    cone = net.forward_cone(removed.residual_node) if removed is not None else None
+    skip_port = removed.residual_ports[1] if removed is not None else None
+    nodes, boundary, gin, inits, constant_targets = set(), set(), set(), set(), []
+    outputs = []
+    seen: set[str] = set()
+    stack = []
+    for t in targets:
+        k = net.producer.get(t)
+        if cone is not None and k not in cone:
+            constant_targets.append(t)
+        else:
+            outputs.append(t)
+            stack.append(t)
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        if t in net.initializers or t in net.sparse_initializers:
+            inits.add(t)
+            continue
+        k = net.producer.get(t)
+        if k is None:
+            if t in net.inputs:
+                gin.add(t)
+                continue
+            raise ValueError(f"tensor '{t}' has no producer and is not a graph input or initializer")
+        if cone is None or k in cone or k in net.constant_nodes:
+            if k in nodes:
+                continue
+            nodes.add(k)
+            reads = net.reads[k]
+            if removed is not None and k == removed.residual_node:
+                y = net.node(k).input[skip_port]
+                reads = [n for n in reads if n != y]
+            stack.extend(reads)
+        else:
+            boundary.add(t)
+    return _Cut(label, sorted(nodes), sorted(boundary), sorted(gin), sorted(inits), outputs, removed, constant_targets)
+
+
+def _float_name(name: str) -> str:
+    return f"__analysis/float/{name}"
+
+
+def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Mapping[str, int],
+             float_outputs: set[str]) -> onnx.ModelProto:
+    """A model running only cut.nodes; boundary tensors become typed graph inputs; outputs in float_outputs are
+    also exposed cast to float32 (bfloat16 cannot reach numpy)."""
+    nodes = []
+    for k in cut.nodes:
+        node = net.node(k)
+        if cut.removed is not None and k == cut.removed.residual_node:
+            b = cut.removed
+            x_port, y_port = b.residual_ports
+            scope = f"__analysis/{cut.label.replace(' ', '_')}"
+            zero, shape = f"{scope}/zeros", f"{scope}/shape"
+            x = node.input[x_port]
+            nodes.append(helper.make_node("Shape", [x], [shape], name=f"{scope}/Shape"))
+            nodes.append(helper.make_node("ConstantOfShape", [shape], [zero], name=f"{scope}/ConstantOfShape",
+                                          value=helper.make_tensor("value", b.data_type, [1], [0])))
+            rewired = onnx.NodeProto()
+            rewired.CopyFrom(node)
+            rewired.input[y_port] = zero
+            nodes.append(rewired)
+        else:
+            nodes.append(node)
+    outputs = []
+    for name in cut.outputs:
+        outputs.append(helper.ValueInfoProto(name=name))
+        if name in float_outputs:
+            nodes.append(helper.make_node("Cast", [name], [_float_name(name)], name=f"__analysis/Cast/{name}", to=TensorProto.FLOAT))
+            outputs.append(helper.ValueInfoProto(name=_float_name(name)))
+    inputs = [net.inputs[n] for n in cut.graph_inputs]
+    inputs += [helper.make_tensor_value_info(n, input_types[n], None) for n in cut.boundary]
+    dense = [net.initializers[n] for n in cut.inits if n in net.initializers]
+    sparse = [net.sparse_initializers[n] for n in cut.inits if n in net.sparse_initializers]
+    graph = helper.make_graph(nodes, f"{proto.graph.name or 'graph'}_{cut.label.replace(' ', '_')}", inputs, outputs,
+                              initializer=dense, sparse_initializer=sparse)
+    model = onnx.ModelProto()
+    model.ir_version = proto.ir_version
+    model.opset_import.extend(proto.opset_import)
+    model.functions.extend(proto.functions)
+    model.producer_name = "passes.pipeline.analysis"
+    model.graph.CopyFrom(graph)
+    return model
+
+
+# ---------------------------------------------------------------- running
+
+def _session(model: onnx.ModelProto, base_dir):
+    try:
+        return ort_session(model, base_dir=base_dir)
+    except Exception as exc:
+        _explain_ort_failure(exc)
+        raise
+
+
+def _explain_ort_failure(exc: Exception) -> None:
+    text = str(exc)
+    if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+        line = text.strip().splitlines()[0]
+        fail(f"onnxruntime (CPU) cannot run this model: {line}")
+
+
+def _numpy(values: Mapping, name: str) -> np.ndarray:
+    return (values[_float_name(name)] if _float_name(name) in values else values[name]).numpy()
+
+
+class Removable(Protocol):
+    """Where a contribution joins the residual stream: node `residual_node` reads x and the contribution at
+    `residual_ports` (x slot, contribution slot); `data_type` is the contribution's element type."""
+    residual_node: int
+    residual_ports: tuple[int, int]
+    data_type: int
+
+
+class SuffixRuns:
+    """One base run of the graph, then for each removal a run of only the part of the graph downstream of it.
+
+    `removals` are (site, targets, label): the site's contribution is replaced by zeros (x' = x exactly, whatever
+    the residual node is) and the targets are computed from there; everything the suffix reads from before the
+    cut is fed from the base run. All cuts are planned up front, so the base run exposes every boundary tensor
+    once. `float_names`: bfloat16 tensors among the targets, returned cast to float32 (numpy has no bfloat16).
+    Use as a context manager (it owns a progress bar); `cost()` charges the runs in forward-pass equivalents."""
+
+    def __init__(self, model: LoadedModel, feeds: Mapping[str, np.ndarray], base_targets: Sequence[str],
+                 removals: Sequence[tuple["Removable", Sequence[str], str]], *, float_names: set[str] = frozenset(),
+                 progress: bool = True, desc: str = "analysis"):
+        from tqdm import tqdm
+        self.start = time.perf_counter()
+        self.model, self.feeds, self.float_names = model, feeds, set(float_names)
+        self.net = GraphIndex.build(model.proto.graph)
+        self.flops = weight_flops(self.net)
+        self.total_flops = sum(self.flops) or 0.0
+        self.cuts = [_cut(self.net, list(targets), site, label) for site, targets, label in removals]
+        needed = list(dict.fromkeys([*base_targets, *(t for c in self.cuts for t in c.boundary)]))
+        self.base_targets = list(base_targets)
+        self.base_cut = _cut(self.net, [t for t in needed if t not in self.net.inputs], None, "base")
+        self.boundary: dict = {}
+        self.base_values: dict[str, np.ndarray] = {}
+        self.run_log: list[dict] = []
+        self.session_seconds = 0.0
+        self.bar = tqdm(total=1 + len(self.cuts), desc=desc, unit="run", disable=None if progress else True, leave=False)
+
+    def __enter__(self) -> "SuffixRuns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def _execute(self, cut: _Cut, feeds: Mapping, input_types: Mapping[str, int]) -> dict:
+        import onnxruntime as ort
+        self.bar.set_postfix_str(cut.label)
+        t0 = time.perf_counter()
+        session = _session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir)
+        self.session_seconds += time.perf_counter() - t0
+        names = [o.name for o in session.get_outputs()]
+        values = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                  for name, value in feeds.items()}
+        try:
+            results = run_session(session, names, values, ort_values=True)
+        except Exception as exc:
+            _explain_ort_failure(exc)
+            raise
+        del session
+        self.run_log.append({"run": cut.label, "nodes": len(cut.nodes), "seconds": round(time.perf_counter() - t0, 4),
+                             "forward_pass_fraction": round(sum(self.flops[k] for k in cut.nodes) / self.total_flops, 6)
+                             if self.total_flops else None})
+        self.bar.update(1)
+        return dict(zip(names, results))
+
+    def base(self) -> dict[str, np.ndarray]:
+        """The base targets as numpy arrays (graph inputs among them come from the feeds)."""
+        result = self._execute(self.base_cut, {n: self.feeds[n] for n in self.base_cut.graph_inputs}, {})
+        boundary = {t for c in self.cuts for t in c.boundary}
+        self.boundary = {name: value for name, value in result.items() if name in boundary}
+        self.base_values = {name: np.asarray(self.feeds[name]) if name in self.net.inputs else _numpy(result, name)
+                            for name in self.base_targets}
+        return self.base_values
+
+    def removal(self, k: int) -> dict[str, np.ndarray]:
+        """Targets of removal k; a target the removed contribution cannot reach is its base value (then it must be
+        a base target)."""
+        cut = self.cuts[k]
+        feeds = {name: self.boundary[name] for name in cut.boundary}
+        feeds.update({name: self.feeds[name] for name in cut.graph_inputs})
+        types = {name: ort_type_to_onnx(self.boundary[name].data_type()) for name in cut.boundary}
+        result = self._execute(cut, feeds, types)
+        values = {name: _numpy(result, name) for name in cut.outputs}
+        values.update({name: self.base_values[name] for name in cut.constant_targets})
+        return values
+
+    def cost(self) -> Cost:
+        fractions = [r["forward_pass_fraction"] or 0.0 for r in self.run_log]
+        return Cost(forward_pass_equivalents=float(sum(fractions)),
+                    node_fraction=float(sum(r["nodes"] for r in self.run_log) / max(len(self.net.graph.node), 1)),
+                    seconds=time.perf_counter() - self.start, session_seconds=self.session_seconds,
+                    runs=len(self.run_log), per_run=self.run_log)
