@@ -19,6 +19,7 @@ from passes.pipeline.change import next_token_metrics
 from passes.support.calibration import Calibration, calibration_for, random_inputs, vocab_sizes
 from passes.support.errors import fail
 from passes.support.onnx_io import load_model
+from passes.support.report import differences
 
 DEFAULT_SHAPE = (1, 16)
 DEFAULT_SEED = 1
@@ -91,14 +92,9 @@ def check_same_interface(orig: Interface, fused: Interface) -> None:
     for kind, a, b in (("input", orig.inputs, fused.inputs), ("output", orig.outputs, fused.outputs)):
         names_a, names_b = [t.name for t in a], [t.name for t in b]
         if set(names_a) != set(names_b):
-            only_a = sorted(set(names_a) - set(names_b))
-            only_b = sorted(set(names_b) - set(names_a))
-            parts = []
-            if only_a:
-                parts.append(f"only {orig.path.name} has {', '.join(only_a)}")
-            if only_b:
-                parts.append(f"only {fused.path.name} has {', '.join(only_b)}")
-            fail(f"the models have different {kind}s ({'; '.join(parts)}); compare a model with its own fused version")
+            only = differences([(f"only {orig.path.name} has", sorted(set(names_a) - set(names_b))),
+                                (f"only {fused.path.name} has", sorted(set(names_b) - set(names_a)))])
+            fail(f"the models have different {kind}s ({only}); compare a model with its own fused version")
         by_name = {t.name: t for t in b}
         for t in a:
             u = by_name[t.name]

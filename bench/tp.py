@@ -68,9 +68,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+from bench.cuda_graphs import capture  # noqa: E402
 from bench.results import write_result  # noqa: E402
+from bench.tp_model import Reference, block_weights, fuse_shards, fused_step, rel_err, seq_step, shard  # noqa: E402
+from bench.tp_report import format_prediction, format_table, goal_lines, plot, predict  # noqa: E402
 
 SHAPES = {  # name: (hidden d, FFN width m)
     "tiny": (64, 128),
@@ -80,129 +82,7 @@ SHAPES = {  # name: (hidden d, FFN width m)
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUICK = {"shapes": "8b,405b", "k": "4", "tokens": "1,32"}
-EPS = 1e-5
 GIB = 1 << 30
-
-
-# ----------------------------------------------------------------------------------------------- the model
-def rms_hat(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps), computed in float32, returned in x's dtype (the RMSNorm without its gain)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
-
-
-def ffn_partial(n: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, split: bool) -> torch.Tensor:
-    """This rank's partial FFN output w2 (silu(gate) * up): w1 = [gate rows; up rows] (2c x d), w2 (d x c)."""
-    if split:
-        c = w1.shape[0] // 2
-        gate, up = F.linear(n, w1[:c]), F.linear(n, w1[c:])
-    else:
-        gate, up = F.linear(n, w1).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
-
-
-def seq_step(x, blocks, allreduce: bool, split: bool):
-    """The sequential chain on this rank: blocks = [(gain, w1, w2)], one all-reduce after each FFN."""
-    for gain, w1, w2 in blocks:
-        p = ffn_partial(rms_hat(x) * gain, w1, w2, split)
-        if allreduce:
-            dist.all_reduce(p)
-        x = x + p
-    return x
-
-
-def fused_step(x, w1, w2, allreduce: bool, split: bool):
-    """The fused FFN on this rank (gains folded into w1): one all-reduce."""
-    p = ffn_partial(rms_hat(x), w1, w2, split)
-    if allreduce:
-        dist.all_reduce(p)
-    return x + p
-
-
-# ----------------------------------------------------------------------------------------------- weights
-def block_weights(d: int, m: int, block: int, seed: int, dtype, device):
-    """Unsharded block `block`: gain [d], gate [m, d], up [m, d], down [d, m]; the same on every rank and world size."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed * 1000 + block)
-
-    def randn(*size, scale):
-        return torch.randn(*size, generator=gen, device=device, dtype=dtype).mul_(scale)
-
-    gain = randn(d, scale=0.1).add_(1.0)
-    gate, up = randn(m, d, scale=d ** -0.5), randn(m, d, scale=d ** -0.5)
-    down = randn(d, m, scale=m ** -0.5)
-    return gain, gate, up, down
-
-
-def shard(block, rank: int, world: int):
-    """Rank `rank`'s Megatron slice of an unsharded block: (gain, w1 = [gate rows; up rows] (2c x d), w2 (d x c))."""
-    gain, gate, up, down = block
-    c = gate.shape[0] // world
-    rows = slice(rank * c, (rank + 1) * c)
-    return gain, torch.cat([gate[rows], up[rows]]), down[:, rows].contiguous()
-
-
-def fuse_shards(shards, k: int):
-    """Fused shard from k blocks' shards (an iterable, consumed one block at a time): w1 = [gate_1 diag(g_1); ...;
-    gate_k diag(g_k); up_1 diag(g_1); ...; up_k diag(g_k)] (2kc x d), w2 = [down_1 ... down_k] (d x kc)."""
-    w1 = w2 = None
-    count = 0
-    for i, (gain, b1, b2) in enumerate(shards):
-        c, d = b1.shape[0] // 2, b1.shape[1]
-        if w1 is None:
-            w1 = torch.empty(2 * k * c, d, dtype=b1.dtype, device=b1.device)
-            w2 = torch.empty(d, k * c, dtype=b2.dtype, device=b2.device)
-        torch.mul(b1[:c], gain, out=w1[i * c:(i + 1) * c])
-        torch.mul(b1[c:], gain, out=w1[(k + i) * c:(k + i + 1) * c])
-        w2[:, i * c:(i + 1) * c] = b2
-        count += 1
-    assert count == k, f"fuse_shards: {count} blocks, expected {k}"
-    return w1, w2
-
-
-class Reference:
-    """Float32, unsharded references on inputs x [T, d], updated block by block as the blocks are drawn:
-    seq (the chain), par (x + sum_i FFN_i(x), original norms) and fused (the fused FFN on gain-folded weights)."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x = x.float()
-        self.seq = self.x.clone()
-        self.par_sum = torch.zeros_like(self.x)
-        self.fused_sum = torch.zeros_like(self.x)
-
-    @staticmethod
-    def _hat(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
-
-    def add(self, block):
-        gain, gate, up, down = block
-        g, xh, t = gain.float(), self._hat(self.x), self.x.shape[0]
-        inp = torch.cat([self._hat(self.seq) * g, xh * g])             # rows: seq chain, parallel form
-
-        def both(w):   # the original and the gain-folded weight (folded in the weights' dtype, as fuse_shards does)
-            plain = F.linear(inp, w.float())
-            folded = F.linear(xh, torch.mul(w, gain).float())
-            return plain, folded
-
-        (hg, hgf), (hu, huf) = both(gate), both(up)
-        d32 = down.float()
-        out = F.linear(F.silu(hg) * hu, d32)
-        self.seq += out[:t]
-        self.par_sum += out[t:]
-        self.fused_sum += F.linear(F.silu(hgf) * huf, d32)
-
-    def deltas(self, t: int) -> dict:
-        """ref - x for the first t rows."""
-        return {"seq": (self.seq - self.x)[:t], "par": self.par_sum[:t], "fused": self.fused_sum[:t]}
-
-
-def rel_err(out: torch.Tensor, x: torch.Tensor, ref_delta: torch.Tensor, ffn_only: bool = False) -> float:
-    """||out - ref|| / ||ref|| with ref = x + ref_delta, in float32
-    (ffn_only: ||(out - x) - ref_delta|| / ||ref_delta||, the FFNs' contribution alone)."""
-    x = x.float()
-    err = out.float() - x - ref_delta
-    scale = ref_delta if ffn_only else x + ref_delta
-    return float(err.norm() / scale.norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -227,20 +107,6 @@ class Ctx:
         dist.all_reduce(t, op=op)
         return float(t.item())
 
-    def capture(self, fn):
-        """fn captured in a CUDA graph after a warm-up on a side stream; returns (graph, static output)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = fn()
-        return graph, out
-
     def time(self, fn):
         """(median microseconds of one call of fn, its output): a CUDA-graph replay timed with events on GPU,
         fn itself with perf_counter on CPU. All ranks start together; collectives keep them in step."""
@@ -257,7 +123,7 @@ class Ctx:
             return statistics.median(times), out
         holder = {}
         if self.graphs:
-            graph, holder["out"] = self.capture(fn)
+            graph, holder["out"] = capture(fn)
             run = graph.replay
         else:
             graph = None
@@ -285,7 +151,7 @@ def graphs_work(ctx: Ctx) -> bool:
     ok = True
     try:
         buf = torch.ones(1024, device=ctx.device)
-        graph, _ = ctx.capture(lambda: dist.all_reduce(buf))
+        graph, _ = capture(lambda: dist.all_reduce(buf))
         buf.fill_(1.0)
         graph.replay()
         torch.cuda.synchronize()
@@ -398,128 +264,12 @@ def run_shape_k(ctx: Ctx, args, label, d, m, k, tokens, dtype, x_all) -> list[di
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-def format_table(rows) -> str:
-    header = ("shape", "k", "T", "W", "seq gemm", "seq ar", "seq us", "fused gemm", "fused ar", "fused us",
-              "speedup", "gemm x", "ar share seq", "ar share fused", "err seq", "err fused")
-    lines = []
-    for r in rows:
-        if r.get("skipped"):
-            lines.append((r["shape"], r["k"], r["tokens"], r["world"], f"skipped: {r['skipped']}"))
-            continue
-        s, f = r["seq"], r["fused"]
-        lines.append((r["shape"], r["k"], r["tokens"], r["world"],
-                      f"{s['gemm_us']:.1f}", f"{s['allreduce_us']:.1f}", f"{s['total_us']:.1f}",
-                      f"{f['gemm_us']:.1f}", f"{f['allreduce_us']:.1f}", f"{f['total_us']:.1f}",
-                      f"{r['speedup']:.3f}", f"{r['gemm_speedup']:.3f}",
-                      f"{r['allreduce_share_seq']:.1%}", f"{r['allreduce_share_fused']:.1%}",
-                      f"{r['rel_err']['seq_vs_seq_ref']:.1e}",
-                      f"{max(r['rel_err']['fused_vs_fused_ref'], r['rel_err']['fused_vs_parallel_ref']):.1e}"
-                      + ("" if r["check_passed"] else " FAIL")))
-    full = [line for line in lines if len(line) == len(header)]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *full)]
-    out = []
-    for line in [header, *lines]:
-        if len(line) != len(header):
-            out.append("  ".join(str(c).rjust(w) for c, w in zip(line[:4], widths)) + "  " + line[4])
-        else:
-            out.append("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
-    return "\n".join(out)
-
-
-def goal_lines(rows) -> list[str]:
-    """The issue's goal (405B layer, k=4, 1 token, 8 GPUs: fused >= 1.2x) and, for one GPU, GEMM-only speedup."""
-    out = []
-    for r in rows:
-        if r.get("skipped") or not r["shape"].startswith("405b") or r["k"] != 4 or r["tokens"] != 1:
-            continue
-        tp = r["world"] * r["emulated_tp"]
-        where = f"world {r['world']}" + (f", each GPU one rank's share of TP{tp}" if r["emulated_tp"] > 1 else "")
-        verdict = ("PASS" if r["speedup"] >= 1.2 else "FAIL") if r["world"] == 8 else "needs 8 GPUs"
-        out.append(f"goal 405b k=4 T=1 ({where}): speedup {r['speedup']:.3f}x (goal >= 1.2x at 8 GPUs: {verdict}); "
-                   f"GEMM-only speedup {r['gemm_speedup']:.3f}x (the single-GPU number)")
-    return out
-
-
-def plot(rows, path: Path) -> Path | None:
-    """speedup (top) and GEMM-only speedup (bottom) vs tokens, one column per shape, one line per (k, world)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", flush=True)
-        return None
-    rows = [r for r in rows if not r.get("skipped")]
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    if not shapes:
-        return None
-    fig, axes = plt.subplots(2, len(shapes), figsize=(4.5 * len(shapes), 7), squeeze=False, sharex=True)
-    for col, name in enumerate(shapes):
-        mine = [r for r in rows if r["shape"] == name]
-        for key, ax, title in (("speedup", axes[0][col], "seq / fused (total)"),
-                               ("gemm_speedup", axes[1][col], "seq / fused (GEMM only)")):
-            for k, world in sorted({(r["k"], r["world"]) for r in mine}):
-                pts = sorted((r["tokens"], r[key]) for r in mine if r["k"] == k and r["world"] == world)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"k={k}, W={world}")
-            ax.axhline(1.0, color="gray", lw=0.8)
-            if key == "speedup":
-                ax.axhline(1.2, color="red", lw=0.8, ls=":")
-            ax.set_xscale("log", base=2)
-            ticks = sorted({r["tokens"] for r in mine})
-            ax.set_xticks(ticks)
-            ax.set_xticklabels([str(t) for t in ticks])
-            ax.set_title(f"{name}: {title}", fontsize=9)
-            ax.set_xlabel("tokens")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("speedup")
-    axes[1][0].set_ylabel("speedup")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def out_dirs(args) -> list[Path]:
     return [] if args.no_save else [Path(args.out)]
 
 
 def save(args, name, data) -> list[Path]:
     return [write_result(name, data, directory) for directory in out_dirs(args)]
-
-
-def predict(emulated: list[dict], measured: list[dict]) -> list[dict]:
-    """Fused over sequential at the emulated TP size, from one GPU doing one rank's share (--emulate-tp N: the
-    GEMM-only times G_seq, G_fused of a rank) and a real multi-GPU run (the all-reduce cost a inside a step):
-        speedup_N = (G_seq + k a_N) / (G_fused + a_N),   a_N in [a, 2 a]
-    a = ((seq total - seq gemm) + (fused total - fused gemm)) / (k + 1), the measured cost of one all-reduce in
-    the step at the measured world size (k in seq, 1 in fused), clamped at 0. With more ranks an all-reduce of
-    the same [T, d] tensor is not cheaper (a ring moves 2(N-1)/N of the bytes per GPU instead of 1, in more
-    steps), so a is the low end; 2 a is the high end, an assumption, not a measurement."""
-    by_key = {(r["shape"], r["k"], r["tokens"]): r for r in measured if not r.get("skipped")}
-    rows = []
-    for e in emulated:
-        key = (e["shape"].split("/")[0], e["k"], e["tokens"])
-        if e.get("skipped") or key not in by_key:
-            continue
-        m, k = by_key[key], e["k"]
-        a = max(0.0, ((m["seq"]["total_us"] - m["seq"]["gemm_us"]) + (m["fused"]["total_us"] - m["fused"]["gemm_us"])) / (k + 1))
-        g_seq, g_fused = e["seq"]["gemm_us"], e["fused"]["gemm_us"]
-        low, high = ((g_seq + k * s * a) / (g_fused + s * a) for s in (1, 2))
-        rows.append({"shape": key[0], "k": k, "tokens": key[2], "tp": e["emulated_tp"], "from_world": m["world"],
-                     "gemm_seq_us": g_seq, "gemm_fused_us": g_fused, "allreduce_us": a,
-                     "measured_speedup": m["speedup"], "predicted_speedup": [low, high]})
-    return rows
-
-
-def format_prediction(rows) -> str:
-    header = ("shape", "k", "T", "rank gemm seq", "rank gemm fused", "all-reduce", "measured W", "predicted TP")
-    lines = [header] + [(r["shape"], r["k"], r["tokens"], f"{r['gemm_seq_us']:.1f}", f"{r['gemm_fused_us']:.1f}",
-                         f"{r['allreduce_us']:.1f}", f"{r['measured_speedup']:.3f} (W={r['from_world']})",
-                         f"{r['predicted_speedup'][0]:.2f}-{r['predicted_speedup'][1]:.2f} (TP{r['tp']})") for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(*lines)]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
 # ----------------------------------------------------------------------------------------------- processes

@@ -2,7 +2,7 @@
 
 Measures, on calibration inputs through onnxruntime, how much each FFN block changes the residual stream and how
 much each block depends on each earlier one (the dependency matrix M of arXiv 2503.18908; definitions in
-passes/pipeline/analysis.py and DESIGN.md). Small M[i][j]: block j barely notices block i, so they can run in parallel.
+passes/pipeline/analysis.py). Small M[i][j]: block j barely notices block i, so they can run in parallel.
 
 Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, selected (ordinals analyzed),
 inputs (source, shapes; a warning for random tokens), tokens, metrics {ordinal: {cosdist_io, ratio}},

@@ -164,12 +164,6 @@ def cached_export(layout: str, *, dynamo: bool = False, dtype=torch.float32, ops
     return copy.deepcopy(stack), path
 
 
-def rel_err(actual, expected) -> float:
-    """max|a - b| / max|b|, in float64."""
-    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
 
 def ort_run(model, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
     """Run a model (path, bytes or ModelProto) in onnxruntime on the CPU."""

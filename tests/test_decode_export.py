@@ -22,7 +22,7 @@ import torch
 from exporters.export import decode_io, export_onnx
 from models import build_preset, load_model, save_hf_checkpoint
 from models.decoder import DecodeStep
-from tests.test_export import random_ids, rel_err, session
+from tests.helpers import random_ids, rel_err, session
 
 REPO = Path(__file__).resolve().parents[1]
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

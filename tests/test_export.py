@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -18,23 +17,13 @@ from models import PRESETS, build_preset, load_model
 from models.checkpoints import save_hf_checkpoint
 from passes.support import onnx_io
 from passes.support.errors import UserError
+from tests.helpers import random_ids, rel_err, session
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(2, 9), (1, 17)]  # two batch/sequence sizes through one session: both axes are dynamic
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    """max|a - b| / max|b|."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
-
-def random_ids(vocab: int, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def assert_matches(path: Path, model: torch.nn.Module, tol: float, shapes=SHAPES) -> None:

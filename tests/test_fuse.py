@@ -17,12 +17,13 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from residual_models import REPO, cached_export, ort_run, parallel_reference, rel_err, run_fuse_cli
 
 from passes.fuse import main as fuse_main
 from passes.pipeline.fusion import fuse_file
 from passes.pipeline.match import match_ffn_blocks
 from passes.pipeline.plan import Group
+from tests.helpers import rel_err
+from tests.residual_models import REPO, cached_export, ort_run, parallel_reference, run_fuse_cli
 
 EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
 

@@ -21,11 +21,12 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from residual_models import cached_export, ort_run, rel_err, run_fuse_cli
 
 from passes.fuse import main as fuse_main
 from passes.pipeline.match import match_ffn_blocks
 from passes.support.errors import UserError
+from tests.helpers import rel_err
+from tests.residual_models import cached_export, ort_run, run_fuse_cli
 
 BASES = {
     # name: (layout, stack arguments, exporter, dtype, mutants, relative tolerance)

@@ -16,10 +16,11 @@ import onnx
 import pytest
 import torch
 from onnx import helper
-from residual_models import cached_export, ort_run, parallel_reference, rel_err, run_fuse_cli
 
 from passes.fuse import main as fuse_main
 from passes.support.errors import run_cli
+from tests.helpers import rel_err
+from tests.residual_models import cached_export, ort_run, parallel_reference, run_fuse_cli
 
 D = 32
 

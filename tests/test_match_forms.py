@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from residual_models import cached_export, ort_run, parallel_reference, rel_err
 
 from passes.pipeline.chains import find_chains
 from passes.pipeline.fusion import fuse_file
 from passes.pipeline.match import match_ffn_blocks
 from passes.pipeline.plan import Group
 from passes.support.graph import GraphIndex
+from tests.helpers import rel_err
+from tests.residual_models import cached_export, ort_run, parallel_reference
 
 D = 16
 
@@ -101,8 +103,11 @@ class Form:
 
 
 class Builder:
+    """Hand-built FFN chains in every recognized form, made with onnx-graphsurgeon: nodes and constants are
+    gs objects, named by `_name`, exported with gs.export_onnx."""
+
     def __init__(self, form: Form):
-        self.form, self.nodes, self.inits, self.k = form, [], [], 0
+        self.form, self.nodes, self.tensors, self.k = form, [], {}, 0
         self.T = TensorProto.FLOAT16 if form.fp16 else TensorProto.FLOAT
         self.np_t = np.float16 if form.fp16 else np.float32
 
@@ -110,15 +115,25 @@ class Builder:
         self.k += 1
         return f"{base}_{self.k}"
 
+    def _tensor(self, name: str):
+        if not name:
+            return gs.Variable.empty()
+        if name not in self.tensors:
+            self.tensors[name] = gs.Variable(name)
+        return self.tensors[name]
+
     def node(self, op, inputs, n_out=1, domain="", **attrs):
         name = self._name(f"/b/{op}")
-        outs = [f"{name}_out{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
+        outs = [self._tensor(f"{name}_out{i}") for i in range(n_out)]
+        if op == "Constant":
+            attrs = {"value": gs.Constant(f"{name}_value", numpy_helper.to_array(attrs["value"]))}
+        self.nodes.append(gs.Node(op, name, attrs, inputs=[self._tensor(i) for i in inputs], outputs=outs,
+                                  domain=domain or None))
+        return outs[0].name if n_out == 1 else [o.name for o in outs]
 
     def init(self, array, base="w"):
         name = self._name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        self.tensors[name] = gs.Constant(name, np.asarray(array))
         return name
 
     def scalar(self, value):
@@ -220,14 +235,17 @@ class Builder:
                 pending = (x, y)
                 continue
             x = self.node("Add", [y, x] if f.pick("residual_y_first", t) else [x, y])
-        self.nodes[-1].output[0] = "y"
+        self.nodes[-1].outputs[0].name = "y"
         shape = ["batch", "seq", D] if f.rank == 3 else ["tokens", D]
-        graph = helper.make_graph(self.nodes, "ffn_chain", [helper.make_tensor_value_info("x", self.T, shape)],
-                                  [helper.make_tensor_value_info("y", self.T, shape)], self.inits)
-        opsets = [helper.make_opsetid("", f.opset)]
-        if any(n.domain == "com.microsoft" for n in self.nodes):
-            opsets.append(helper.make_opsetid("com.microsoft", 1))
-        model = helper.make_model(graph, opset_imports=opsets)
+        dtype = np.float16 if f.fp16 else np.float32
+        x_in, y_out = self.tensors["x"], self.nodes[-1].outputs[0]
+        x_in.dtype, x_in.shape, y_out.dtype, y_out.shape = dtype, shape, dtype, shape
+        graph = gs.Graph(nodes=self.nodes, inputs=[x_in], outputs=[y_out], name="ffn_chain", opset=f.opset)
+        model = gs.export_onnx(graph, do_type_check=False)
+        del model.opset_import[:]
+        model.opset_import.append(helper.make_opsetid("", f.opset))
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         model.ir_version = 11 if f.opset >= 23 else 10
         return model
 

@@ -17,18 +17,12 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 from models import PRESETS, build_preset, load_model, load_tokenizer, smollm2_gguf_path
 from models.checkpoints import save_hf_checkpoint
 from passes.support.errors import UserError
+from tests.helpers import random_ids, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b|."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def random_ids(vocab: int, shape=(2, 24), seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def hf_llama(**overrides) -> LlamaForCausalLM:

@@ -19,7 +19,8 @@ from passes.support.errors import UserError
 from passes.support.input_files import save_inputs_npz
 from passes.support.onnx_io import load_model
 from tests.residual_models import ResidualStack, TinyLM, export, export_lm, parallel_reference
-from tests.test_analysis import VOCAB, D
+
+VOCAB, D = 50, 32
 
 
 def metrics_from(matrix: np.ndarray, ordinals=None) -> Metrics:
@@ -156,12 +157,23 @@ def test_measure_change_matches_parallel_reference(stack_model):
 
 
 def test_measure_change_language_model(tmp_path):
-    path = export_lm(TinyLM("FFFFAF", seed=2, vocab=VOCAB, d=D), tmp_path / "lm.onnx")
+    """The KL and top-1 agreement measure_change reports, against the torch model and its parallel form (FFNs
+    0-2 reading the same input), computed here in float64."""
+    model = TinyLM("FFFFAF", seed=2, vocab=VOCAB, d=D)
+    path = export_lm(model, tmp_path / "lm.onnx")
     fused = tmp_path / "lm.fused.onnx"
     fuse_file(path, fused, groups=[Group(0, 2)])
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 16))
     change = measure_change(path, fused, {"input_ids": ids})
-    assert change["kl"] > 0 and 0 <= change["top1_agreement"] <= 1
+    with torch.no_grad():
+        model = model.double()
+        x = model.embed(torch.from_numpy(ids))
+        original = torch.log_softmax(model.head(model.stack(x)), -1)
+        parallel = torch.log_softmax(model.head(parallel_reference(model.stack, x, [(0, 2)])), -1)
+    kl = float((original.exp() * (original - parallel)).sum(-1).mean())
+    top1 = float((original.argmax(-1) == parallel.argmax(-1)).double().mean())
+    assert change["kl"] == pytest.approx(kl, rel=1e-4) and kl > 1e-6
+    assert change["top1_agreement"] == pytest.approx(top1, abs=1e-9)
     assert change["outputs"]["logits"]["kl"] == change["kl"]
     same = measure_change(path, path, save_inputs_npz(tmp_path / "ids.npz", {"input_ids": ids}))
     assert same["kl"] == pytest.approx(0.0, abs=1e-12) and same["top1_agreement"] == 1.0

@@ -33,16 +33,12 @@ from models import load_model, load_tokenizer, smollm2_gguf_path
 from passes.drop_attention import main as drop_main
 from passes.fuse import main as fuse_main
 from passes.pipeline.stream import find_stream
+from tests.helpers import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 DROPPED = [26, 27, 28, 29]      # attention removed here, so FFN blocks 25..29 form one chain
 GROUP = (25, 28)                # fused with --groups 25-28 (the paper's rule for that chain: all but its last block)
 
-
-def rel_err(a, b) -> float:
-    """max|a - b| / max|b| in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def next_token(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

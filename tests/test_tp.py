@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import tp
+from bench import tp_model as tp
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper
 
 from passes.support.errors import fail
 from passes.support.input_files import read_inputs_file
+from passes.support.report import differences
 
 DEFAULT_BATCH = 4
 DEFAULT_SEQ = 128
@@ -207,12 +208,8 @@ def check_inputs(raw: Mapping[str, np.ndarray], session_inputs, vocab: Mapping[s
     missing = [n for n in expected if n not in raw]
     extra = [n for n in raw if n not in expected]
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(repr(n) for n in missing)}")
-        if extra:
-            parts.append(f"unknown {', '.join(repr(n) for n in extra)}")
-        fail(f"{where}: input names do not match the model ({'; '.join(parts)}); the model takes {', '.join(repr(n) for n in expected)}")
+        fail(f"{where}: input names do not match the model ({differences([('missing', missing), ('unknown', extra)])}); "
+             f"the model takes {', '.join(repr(n) for n in expected)}")
     feeds = {}
     for spec in specs:
         array = np.asarray(raw[spec.name])

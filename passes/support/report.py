@@ -56,6 +56,11 @@ def structure_record(blocks: list[FFNBlock], chains: list[Chain], rejections: li
     }
 
 
+def differences(parts: list[tuple[str, list[str]]]) -> str:
+    """'missing 'a', 'b'; unknown 'c'' from [("missing", [...]), ("unknown", [...])], leaving out empty parts."""
+    return "; ".join(f"{label} {', '.join(repr(n) for n in names)}" for label, names in parts if names)
+
+
 def table(rows: list[tuple], header: tuple | None = None) -> str:
     """A plain aligned text table; numbers right-aligned."""
     cells = ([tuple(map(str, header))] if header else []) + [tuple(map(_fmt, r)) for r in rows]

@@ -1,6 +1,6 @@
 """The real SmolLM2-135M in the forms users bring, through drop_attention and fuse, against transformers.
 
-    python -m bench.smollm2_forms [--out DIR] [--work DIR]
+    python -m bench.smollm2.forms [--out DIR] [--work DIR]
 
 Forms (exporters.foreign): transformers + torch.onnx dynamo, that export after onnxruntime's transformer
 optimizer, and onnxruntime-genai's model builder. For each: the attention and FFN sublayers found on the residual
@@ -53,7 +53,7 @@ def rel(a, b) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.smollm2_forms", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.smollm2.forms", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="folder for the JSON (default bench/results/)")
     parser.add_argument("--work", help="folder for the models (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
