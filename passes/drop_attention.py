@@ -16,13 +16,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from passes.pipeline.drop import drop_sublayers
+from passes.pipeline.drop import drop_sublayers, write_dropped
 from passes.pipeline.ranking import rank_sublayers
 from passes.pipeline.stream import Sublayer, find_stream
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
-from passes.support.genai import genai_folder, renumber_caches, side_files
-from passes.support.onnx_io import check_not_input, load_model, save_model
+from passes.support.onnx_io import check_not_input, load_model
 from passes.support.outputs import Staging, check_output
 from passes.support.ranges import expand, parse_ranges, spans
 from passes.support.report import table
@@ -98,17 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if chosen:
             out = Path(args.output)
             output, dropped = drop_sublayers(model, chosen)
-            folder = genai_folder(model.path)
-            extra, note = None, None
-            if folder is not None:
-                caches = renumber_caches(output.proto, folder)
-                if out.resolve().parent != folder.folder.resolve():
-                    extra = side_files(folder, out.name, caches, skip={model.path, *model.external_files})
-                else:
-                    note = ("genai_config.json not written: the output is in the input's folder; write to another "
-                            "folder (-o NEW_DIR/model.onnx) for a folder onnxruntime-genai runs as it is")
-            save_model(output, out, protected={model.path} | model.external_files, reference=model.path,
-                       extra_files=extra, staging=staging)
+            _, extra, note = write_dropped(model, output, out, staging=staging)
             report.update(output=str(out), dropped_layers=[s.layer for s in chosen], dropped_inputs=dropped.inputs,
                           dropped_outputs=dropped.outputs, nodes_before=dropped.nodes_before, nodes_after=dropped.nodes_after)
         report["seconds"] = round(time.perf_counter() - start, 2)

@@ -15,6 +15,7 @@ Every other node is untouched and keeps its name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 from onnx import helper
@@ -22,8 +23,9 @@ from onnx import helper
 from passes.pipeline.stream import SKIP_NORMS, Sublayer
 from passes.support.builder import NodeBuilder
 from passes.support.errors import fail
+from passes.support.genai import beside_output
 from passes.support.graph import attribute, default_opset, drop_unused, live_nodes
-from passes.support.onnx_io import LoadedModel, ModelOutput
+from passes.support.onnx_io import LoadedModel, ModelOutput, save_model
 
 
 @dataclass
@@ -149,3 +151,13 @@ def _unfuse_unread_skip_norms(nodes: list[onnx.NodeProto], outputs: set[str]) ->
         else:
             result.append(node)
     return result
+
+
+def write_dropped(model: LoadedModel, output: ModelOutput, out_path: Path, *, staging=None) -> tuple[Path, dict | None, str | None]:
+    """Write the model without the dropped sublayers (verified); an onnxruntime-genai folder's caches are
+    renumbered and its config and tokenizer files written beside the output when it goes to another folder.
+    Returns (path, the files written beside it or None, a note or None); see onnx_io.save_model for staging."""
+    extra, note = beside_output(model, output.proto, Path(out_path), renumber=True)
+    path = save_model(output, Path(out_path), protected={model.path} | model.external_files, reference=model.path,
+                      extra_files=extra, staging=staging)
+    return path, extra, note

@@ -10,7 +10,7 @@ from passes.pipeline.plan import Group, check_groups, paper_rule
 from passes.pipeline.rewrite import fuse_groups, group_prefixes
 from passes.pipeline.structure import ModelStructure, model_structure
 from passes.support.errors import fail
-from passes.support.genai import genai_folder, side_files
+from passes.support.genai import beside_output
 from passes.support.onnx_io import LoadedModel, ModelOutput, load_model, save_model
 from passes.support.outputs import Staging
 from passes.support.report import count
@@ -48,13 +48,9 @@ def write_fused(model: LoadedModel, fusion: Fusion, out_path: Path, *, external:
                 staging: Staging | None = None) -> Path:
     """Write the fused model (verified; with an onnxruntime-genai folder's config and tokenizer files beside it
     when the input came with them and the output goes to another folder). See onnx_io.save_model for staging."""
-    out_path = Path(out_path)
-    protected = {model.path} | model.external_files
-    folder = genai_folder(model.path)
-    genai_files = side_files(folder, out_path.name, None, skip=protected) \
-        if folder is not None and out_path.resolve().parent != folder.folder.resolve() else None
-    return save_model(fusion.output, out_path, external=external, protected=protected, reference=model.path,
-                      extra_files=genai_files, staging=staging)
+    genai_files, _ = beside_output(model, fusion.output.proto, Path(out_path), renumber=False)
+    return save_model(fusion.output, Path(out_path), external=external, protected={model.path} | model.external_files,
+                      reference=model.path, extra_files=genai_files, staging=staging)
 
 
 def fuse_file(model_path: str | Path, out_path: str | Path, *, groups: list[Group] | None = None,

@@ -54,10 +54,6 @@ class Candidate:
         return rec
 
 
-def _fmt(v: float | None) -> str:
-    return "unmeasured" if v is None else f"{v:.3g}"
-
-
 def plan_from_metrics(chains: Sequence[Chain], metrics: Metrics, threshold: float, max_group: int | None = None,
                       keep_last: bool = True, blocks: Sequence[FFNBlock] | None = None) -> tuple[list[Group], list[Candidate]]:
     """Groups inside chains whose pairwise M are all <= threshold (greedy, left to right, at most max_group

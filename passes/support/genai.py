@@ -100,3 +100,18 @@ def side_files(folder: GenaiFolder, output_name: str, caches: int | None, skip: 
         if path.stat().st_size <= SIDE_FILE_LIMIT:
             files[path.name] = path
     return files
+
+
+def beside_output(model, proto: onnx.ModelProto, out_path: Path, renumber: bool) -> tuple[dict[str, bytes | Path] | None, str | None]:
+    """For a pass writing `proto` (made from the LoadedModel `model`) to out_path: when the input is in an
+    onnxruntime-genai folder, renumber the remaining KV caches in place (with `renumber`) and return the files to
+    write beside the output (None when the output is in the input's own folder, whose config must not change,
+    with a note saying so); (None, None) for any other model."""
+    folder = genai_folder(model.path)
+    if folder is None:
+        return None, None
+    caches = renumber_caches(proto, folder) if renumber else None
+    if Path(out_path).resolve().parent == folder.folder.resolve():
+        return None, ("genai_config.json not written: the output is in the input's folder; write to another folder "
+                      "(-o NEW_DIR/model.onnx) for a folder onnxruntime-genai runs as it is")
+    return side_files(folder, Path(out_path).name, caches, skip={model.path, *model.external_files}), None
