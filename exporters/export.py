@@ -25,6 +25,7 @@ import ast
 import contextlib
 import copy
 import functools
+import json
 import logging
 import os
 import shutil
@@ -345,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporter", choices=list(EXPORTERS), default="torchscript")
     parser.add_argument("--graph", choices=list(GRAPHS), default="prefill",
                         help="prefill: input_ids -> logits (default); decode: one step with past/present KV cache")
+    parser.add_argument("--runtime", choices=("onnx", "genai", "nemotron-nas"), default="onnx",
+                        help="onnx: one ONNX file (default); genai: a folder onnxruntime-genai runs (-o DIR; see "
+                             "exporters/genai.py); nemotron-nas: an HF checkpoint folder serving engines load with "
+                             "tensor parallelism (-o DIR; see exporters/checkpoint.py)")
+    parser.add_argument("--context-length", type=int, default=4096, help="--runtime genai: longest sequence (rotary tables)")
+    parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda",
+                        help="--runtime genai: execution provider named in genai_config.json")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -352,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = _input_files(*resolve_source(args.source))
     if out in inputs or out.with_name(out.name + ".data") in inputs:
         raise UserError(f"output {args.output} would overwrite an input file")
+    if args.runtime == "genai":
+        return _export_genai(args, out, start)
+    if args.runtime == "nemotron-nas":
+        return _export_checkpoint(args, out, start)
     model = load_model(args.source, DTYPES[args.dtype])
     path = export_onnx(
         model, out, args.dtype, opset=args.opset, exporter=args.exporter, external_data=args.external_data,
@@ -371,6 +383,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {line}")
     print(f"  parameters: {model.num_parameters() / 1e6:.2f} M; files: {sizes}")
     print(f"  verified: {verified}")
+    print(f"  elapsed: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _export_checkpoint(args, out: Path, start: float) -> int:
+    from exporters.checkpoint import save_checkpoint, tp_constraints
+    from models.loaders import load_tokenizer
+    if args.graph != "prefill" or args.exporter != "torchscript" or args.opset is not None:
+        raise UserError("--runtime nemotron-nas writes a checkpoint folder: --graph, --exporter and --opset do not apply")
+    model = load_model(args.source, DTYPES[args.dtype])
+    folder = save_checkpoint(model, out, load_tokenizer(args.source), layout="nemotron-nas")
+    print(f"exported {args.source} -> {folder}/ as a nemotron-nas checkpoint ({args.dtype})")
+    for line in describe(model.config):
+        print(f"  {line}")
+    for tp, problems in tp_constraints(model.config).items():
+        print(f"  tensor parallelism {tp}: " + ("possible" if not problems else f"blocked ({problems[0]}"
+                                                  + (f"; {len(problems) - 1} more" if len(problems) > 1 else "") + ")"))
+    print(f"  elapsed: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _export_genai(args, out: Path, start: float) -> int:
+    from exporters.genai import export_genai
+    from models.loaders import load_tokenizer
+    if args.graph != "prefill" or args.exporter != "torchscript" or args.opset is not None:
+        raise UserError("--runtime genai writes its own decoder graph (KV cache included): --graph, --exporter and "
+                        "--opset do not apply")
+    if args.context_length < 1:
+        raise UserError(f"--context-length must be positive, got {args.context_length}")
+    model = load_model(args.source, DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.source)
+    folder = export_genai(model, out, tokenizer, context_length=args.context_length, provider=args.provider)
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    sizes = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+    print(f"exported {args.source} -> {folder}/ for onnxruntime-genai ({args.dtype}, {args.provider})")
+    for line in describe(model.config):
+        print(f"  {line}")
+    print(f"  KV caches: {config['num_hidden_layers']} (layers with attention), {config['num_key_value_heads']} KV heads "
+          f"each; context {args.context_length}; {sizes:.1f} MB in {len(list(folder.iterdir()))} files"
+          + ("" if tokenizer is not None else "; no tokenizer in the source: generation from token ids only"))
     print(f"  elapsed: {time.perf_counter() - start:.1f} s")
     return 0
 

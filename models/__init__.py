@@ -1,5 +1,4 @@
 """Llama-family decoders with Puzzle-style heterogeneous layers (attention / FFN no_ops, per-layer FFN widths)."""
-from models.checkpoints import save_hf_checkpoint
 from models.config import DecoderConfig, LayerSpec, Llama3RopeScaling
 from models.decoder import PuzzleDecoder
 from models.loaders import load_model, load_tokenizer, resolve_source
@@ -8,5 +7,5 @@ from models.smollm2 import smollm2_gguf_path
 
 __all__ = [
     "DecoderConfig", "LayerSpec", "Llama3RopeScaling", "PuzzleDecoder", "PRESETS", "build_preset",
-    "load_model", "load_tokenizer", "resolve_source", "save_hf_checkpoint", "smollm2_gguf_path",
+    "load_model", "load_tokenizer", "resolve_source", "smollm2_gguf_path",
 ]

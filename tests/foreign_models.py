@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from models.tokenizers import byte_level_tokenizer
+
 LAYERS, VOCAB, HIDDEN, WIDTH, HEADS, KV_HEADS = 6, 512, 64, 160, 4, 2
 
 
@@ -27,15 +29,5 @@ def llama(seed: int = 0):
 
 
 def tokenizer():
-    """A byte-level BPE tokenizer with VOCAB entries, trained offline on CPython's documentation text."""
-    from pydoc_data.topics import topics
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([topics[k] for k in sorted(topics)],
-                            trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    """A byte-level BPE tokenizer with VOCAB entries (models.tokenizers)."""
+    return byte_level_tokenizer(VOCAB)

@@ -19,8 +19,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from exporters.checkpoint import save_checkpoint
 from exporters.export import decode_io, export_onnx
-from models import build_preset, load_model, save_hf_checkpoint
+from models import build_preset, load_model
 from models.decoder import DecodeStep
 from tests.helpers import random_ids, rel_err, session
 
@@ -183,7 +184,7 @@ def test_llama_tiny_decode_matches_transformers_dynamic_cache(tmp_path):
     from transformers import DynamicCache, LlamaForCausalLM
 
     model, config = build_preset("llama-tiny")
-    folder = save_hf_checkpoint(model, tmp_path / "llama")
+    folder = save_checkpoint(model, tmp_path / "llama")
     reference = LlamaForCausalLM.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32).eval()
     sess = session(export_onnx(model, tmp_path / "d.onnx", "fp32", graph="decode"))
     ids = random_ids(config.vocab_size, (2, 9), seed=3)

@@ -12,9 +12,9 @@ import onnx
 import pytest
 import torch
 
+from exporters.checkpoint import save_checkpoint
 from exporters.export import export_onnx, ort_cpu_runs_bf16
 from models import PRESETS, build_preset, load_model
-from models.checkpoints import save_hf_checkpoint
 from passes.support import onnx_io
 from passes.support.errors import UserError
 from tests.helpers import random_ids, rel_err, session
@@ -68,7 +68,7 @@ def test_bf16_export_is_valid(tmp_path):
 
 def test_hf_llama_folder(tmp_path):
     model, _ = build_preset("llama-tiny")
-    folder = save_hf_checkpoint(model, tmp_path / "llama")
+    folder = save_checkpoint(model, tmp_path / "llama")
     path = export_onnx(load_model(str(folder)), tmp_path / "llama.onnx", "fp32")
     assert_matches(path, model, 1e-5)
 
@@ -76,7 +76,7 @@ def test_hf_llama_folder(tmp_path):
 def test_cli_exports_nemotron_folder_with_summary(tmp_path):
     """puzzle-small written as a nemotron-nas folder (per-layer widths, KV heads, no_ops), exported by the CLI."""
     model, _ = build_preset("puzzle-small")
-    folder = save_hf_checkpoint(model, tmp_path / "nemo")
+    folder = save_checkpoint(model, tmp_path / "nemo")
     out = tmp_path / "out" / "nemo.onnx"
     result = subprocess.run(
         [sys.executable, "-m", "exporters.export", str(folder), "-o", str(out)],

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from exporters.checkpoint import save_checkpoint
 from models import PRESETS, build_preset, load_model, load_tokenizer, smollm2_gguf_path
-from models.checkpoints import save_hf_checkpoint
 from passes.support.errors import UserError
 from tests.helpers import random_ids, rel_err
 
@@ -181,7 +181,7 @@ def test_nemotron_nas_folder(tmp_path):
 @pytest.mark.parametrize("preset", ["puzzle-small", "llama-tiny"])
 def test_checkpoint_round_trip(tmp_path, preset):
     model, config = build_preset(preset)
-    save_hf_checkpoint(model, tmp_path)
+    save_checkpoint(model, tmp_path)
     expected_type = "llama" if preset == "llama-tiny" else "nemotron-nas"
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == expected_type
     loaded = load_model(str(tmp_path))

@@ -83,14 +83,16 @@ def other_input(node: onnx.NodeProto, tensor: str, where: str) -> str:
 
 
 def _weight(index: GraphIndex, tensor: str, where: str, rank: int) -> tuple[WeightRef, list[int]]:
-    """Resolve a constant operand: initializer, optionally behind Transpose(perm=[1,0]) and Cast. Returns the nodes used."""
+    """Resolve a constant operand: initializer, optionally behind Identity, Transpose(perm=[1,0]) and Cast. Returns the nodes used."""
     used, transposed, cast_to = [], False, None
     while tensor not in index.initializers:
         found = index.producer_node(tensor)
         if found is None:
             raise NoMatch(where, f"'{tensor}' is not an initializer")
         j, node = found
-        if node.op_type == "Cast" and cast_to is None:
+        if node.op_type == "Identity":
+            pass                      # torch.onnx stores equal initializers once, others read it through Identity
+        elif node.op_type == "Cast" and cast_to is None:
             cast_to = attribute(node, "to")
         elif node.op_type == "Transpose" and not transposed and rank == 2 and list(attribute(node, "perm", [1, 0])) == [1, 0]:
             transposed = True

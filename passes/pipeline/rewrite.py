@@ -23,11 +23,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.pipeline.match import FFNBlock
-from passes.pipeline.patterns import WeightRef
+from passes.pipeline.patterns import NORM_OPS, SKIP_NORM, WeightRef
 from passes.pipeline.plan import Group
 from passes.support.builder import NodeBuilder
 from passes.support.errors import fail
-from passes.support.graph import default_opset, drop_unused, live_nodes
+from passes.support.graph import GraphIndex, default_opset, drop_unused, live_nodes
 from passes.support.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype, tensor_array
 
 
@@ -128,8 +128,10 @@ def _bias_tensor(name: str, members: list[FFNBlock], weights: _Weights, which: t
 
 
 def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, opset: int,
-                     merge_gate_up: bool) -> tuple[list[onnx.NodeProto], list[TensorProto], dict[str, NewTensor], str]:
-    """Nodes, small initializers and new weight tensors of the fused FFN; returns its output (y) too."""
+                     merge_gate_up: bool, normalized: str | None = None
+                     ) -> tuple[list[onnx.NodeProto], list[TensorProto], dict[str, NewTensor], str]:
+    """Nodes, small initializers and new weight tensors of the fused FFN; returns its output (y) too. With
+    `normalized` (n(x) made by the first block's own normalization op, its gain set to ones) no norm is added."""
     x = members[0].residual_in
     T = members[0].data_type
     m_total = sum(b.width for b in members)
@@ -146,8 +148,11 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
         return out
 
     # h = n(x) with a unit gain (each block's gain is folded into its weights)
-    n = build.rms_normalized(x, members[0].norm.eps, T, opset)
-    h = node("Mul", [n, const("norm/weight", np.ones(members[0].hidden_size, np_dtype(T)))], "norm/Mul")
+    if normalized is None:
+        n = build.rms_normalized(x, members[0].norm.eps, T, opset)
+        h = node("Mul", [n, const("norm/weight", np.ones(members[0].hidden_size, np_dtype(T)))], "norm/Mul")
+    else:
+        h = normalized
 
     if merge_gate_up:
         gate_up = linear(h, "gate_up", _gate_up_tensor(f"{prefix}/gate_up.weight", members, weights, ("gate", "up")),
@@ -169,6 +174,25 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
     y = linear(act, "down", _down_tensor(f"{prefix}/down.weight", members, weights),
                _bias_tensor(f"{prefix}/down.bias", members, weights, ("down",)))
     return build.nodes, build.initializers, new, y
+
+
+def _reusable_norm(index: GraphIndex, block: FFNBlock) -> int | None:
+    """The block's normalization op (SimplifiedLayerNormalization, RMSNormalization, SkipSimplifiedLayerNormalization)
+    when its output 0 is the block's h with its one gain as the op's scale and nothing but the block's own gate and
+    up projections read h: then that op, with a unit gain, computes the group's n(x) (onnxruntime's fused kernel;
+    a skip norm keeps adding the previous residual). None for any other form (a decomposed norm: the fused FFN
+    gets its own)."""
+    found = index.producer_node(block.hidden)
+    if found is None or block.norm.kind not in NORM_OPS or len(block.norm.gains) != 1:
+        return None
+    k, node = found
+    if node.op_type != block.norm.kind or node.output[0] != block.hidden:
+        return None
+    if node.input[2 if node.op_type == SKIP_NORM else 1] != block.norm.gains[0].name:
+        return None
+    if index.is_graph_output(block.hidden) or not set(index.consumer_ids(block.hidden)) <= set(block.nodes):
+        return None
+    return k
 
 
 def group_prefixes(graph: onnx.GraphProto, groups: list[Group]) -> dict[Group, str]:
@@ -200,13 +224,22 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
     candidates: set[int] = set()
     output = ModelOutput(proto, model.base_dir)
     prefixes = group_prefixes(graph, groups)
+    index = GraphIndex.build(model.proto.graph)
     for group in groups:
         members = [blocks[o] for o in group.ordinals]
         for b in members:
             for ref in (b.gate, b.up, b.down, b.gate_bias, b.up_bias, b.down_bias, *b.norm.gains):
                 weights.check(ref)
         prefix = prefixes[group]
-        nodes, small, new, y = _fused_ffn_nodes(prefix, members, weights, opset, merge_gate_up)
+        norm_node = _reusable_norm(index, members[0])
+        normalized = None
+        if norm_node is not None:     # the first block's fused norm computes n(x) for the group: its gain becomes ones
+            ones = numpy_helper.from_array(np.ones(members[0].hidden_size, np_dtype(members[0].data_type)), f"{prefix}/norm/weight")
+            graph.initializer.append(ones)
+            op = graph.node[norm_node]
+            op.input[2 if op.op_type == SKIP_NORM else 1] = ones.name
+            normalized = members[0].hidden
+        nodes, small, new, y = _fused_ffn_nodes(prefix, members, weights, opset, merge_gate_up, normalized)
         last = members[-1]
         insert_before[last.residual_node] = nodes
         residual = graph.node[last.residual_node]

@@ -1,0 +1,76 @@
+"""HF checkpoint folders of random-weight models at the shapes the GPU benchmarks use (latency does not depend on
+the weights):
+
+    python -m bench.shapes llama8b -o DIR            # Llama-3.1-8B: 32 layers, d 4096, FFN 14336, 32 heads, 8 KV
+    python -m bench.shapes llama8b-puzzle -o DIR     # the same with attention removed in layers 8-23 (nemotron-nas)
+
+Weights are drawn on the GPU when there is one (seconds for 8B), scaled so activations stay O(1) (linear layers
+N(0, 1/fan_in), norm gains 1 + N(0, 0.1^2)), and written with exporters.checkpoint.save_checkpoint (llama, or
+nemotron-nas block_configs when layers differ) together with a small byte-level tokenizer, so onnxruntime-genai's
+model builder and exporters.export both read the folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from exporters.checkpoint import save_checkpoint
+from models.config import DecoderConfig, LayerSpec
+from models.decoder import PuzzleDecoder
+from models.tokenizers import byte_level_tokenizer
+from passes.support.errors import fail, run_cli
+
+
+def shape(name: str) -> DecoderConfig:
+    full = [LayerSpec(True, 14336)] * 32
+    layers = {"llama8b": full,
+              "llama8b-puzzle": [LayerSpec(not 8 <= i < 24, 14336) for i in range(32)]}
+    if name not in layers:
+        fail(f"unknown shape {name!r} (choose from {', '.join(layers)})")
+    return DecoderConfig(vocab_size=128256, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                         layers=layers[name], rms_norm_eps=1e-5, rope_theta=500000.0)
+
+
+@torch.no_grad()
+def random_model(config: DecoderConfig, dtype: torch.dtype, device: str, seed: int = 0) -> PuzzleDecoder:
+    """A PuzzleDecoder with seeded random weights drawn on `device`, returned on the CPU."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = PuzzleDecoder(config)
+    weights = {}
+    for name, param in model.state_dict().items():
+        noise = torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32)
+        if name.endswith("norm.weight"):
+            noise = noise.mul_(0.1).add_(1.0)
+        elif name != "embed_tokens.weight":
+            noise = noise.mul_(param.shape[1] ** -0.5)
+        weights[name] = noise.to(dtype).cpu()
+    model.load_state_dict(weights, assign=True)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("shape", help="llama8b or llama8b-puzzle")
+    parser.add_argument("-o", "--output", required=True, help="new HF checkpoint folder")
+    parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    if out.exists():
+        fail(f"{out} exists; give a new folder")
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model(shape(args.shape), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], device)
+    save_checkpoint(model, out)
+    byte_level_tokenizer().save_pretrained(out)
+    print(f"{args.shape}: {model.num_parameters() / 1e9:.2f} B parameters ({args.dtype}, drawn on {device}) -> {out} "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,263 @@
+"""The deployment form onnxruntime-genai runs, written straight from a PuzzleDecoder (no torch tracing):
+
+    python -m exporters.export SOURCE -o DIR --runtime genai [--dtype fp16|bf16|fp32] [--context-length 4096]
+
+DIR gets model.onnx + model.onnx.data, genai_config.json and the source's tokenizer files. The graph is the one
+onnxruntime-genai's own model builder writes for Llama (same ops, same names, same layouts, so the same kernels):
+per layer SkipSimplifiedLayerNormalization (the residual add fused into the next norm, output 3 = the stream),
+one packed q|k|v MatMul, GroupQueryAttention (KV cache in place, rotary inside from cos/sin caches), o_proj
+MatMul, SwiGLU (gate and up MatMul, Sigmoid, Mul, Mul, down MatMul), final norm and lm_head. What the builder
+cannot express, this writes: layers without attention (no GroupQueryAttention, no KV cache: the caches are
+numbered 0..n-1 over the layers that keep attention and num_hidden_layers = n), layers without an FFN, a width
+per layer (nemotron-nas block_configs) and KV heads per layer (each layer's K/V heads repeated up to the largest
+count, which is exact: query head j reads the same key/value head as before; genai allocates one cache shape).
+The very first norm, which has no residual add to fuse, is a decomposed RMSNorm (standard ONNX, fused into
+SimplifiedLayerNormalization by onnxruntime when the session loads). Tied embeddings are stored once (lm_head
+reads Transpose(E)). Logits are float32 for bf16 models (genai's convention), else the model's type.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from models.config import DecoderConfig
+from models.decoder import PuzzleDecoder
+from passes.support.builder import NodeBuilder
+from passes.support.errors import UserError
+from passes.support.onnx_io import ModelOutput, NewTensor, save_model
+
+ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
+OPSET = 21
+MODEL = "model.onnx"
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A torch tensor as numpy in the same element type (bfloat16 through its bits)."""
+    tensor = tensor.detach().contiguous().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
+    return tensor.numpy()
+
+
+def kv_heads_for_cache(config: DecoderConfig) -> int:
+    """The one KV-head count every cache gets: the least common multiple of the attention layers' counts."""
+    counts = {config.kv_heads(i) for i, spec in enumerate(config.layers) if spec.attention}
+    kv = math.lcm(*counts) if counts else config.num_kv_heads
+    if config.num_heads % kv:
+        raise UserError(f"KV heads per layer {sorted(counts)} have no common multiple dividing {config.num_heads} heads; "
+                        f"onnxruntime-genai needs one cache shape")
+    return kv
+
+
+def repeat_kv_rows(weight: torch.Tensor, kv: int, target: int, head_dim: int) -> torch.Tensor:
+    """K or V projection [kv * head_dim, d] with every head repeated target/kv times in place (head h -> heads
+    h*r .. h*r+r-1): with target KV heads, query head j reads head j // (H/target), the copy of j // (H/kv)."""
+    r = target // kv
+    return weight.view(kv, 1, head_dim, -1).expand(kv, r, head_dim, weight.shape[-1]).reshape(target * head_dim, -1)
+
+
+class _Graph:
+    """Nodes, graph inputs/outputs and weights (streamed at save time) of the genai decoder graph."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.T = dtype, ONNX_TYPES[dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.small: list[TensorProto] = []
+        self.weights: dict[str, NewTensor] = {}
+
+    def node(self, op, inputs, name, outputs=None, domain="", **attrs) -> list[str]:
+        outputs = outputs or [f"{name}/output_0"]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def weight(self, name: str, tensor: torch.Tensor) -> str:
+        """A weight in the model's type, in MatMul layout as given; written chunk by chunk at save time."""
+        tensor = tensor.detach().to(self.dtype)
+        self.weights[name] = NewTensor(name, tuple(tensor.shape), self.T, lambda t=tensor: iter([_numpy(t)]))
+        return name
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.small.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def build_graph(model: PuzzleDecoder, context_length: int) -> tuple[onnx.ModelProto, dict[str, NewTensor], dict]:
+    """The genai decoder graph of `model`; returns (model proto with weight placeholders, weights, decoder facts)."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    if dtype not in ONNX_TYPES:
+        raise UserError(f"model weights of type {dtype} cannot be exported for onnxruntime-genai")
+    g = _Graph(dtype)
+    T, hd, H, d = g.T, config.head_dim, config.num_heads, config.hidden_size
+    kv = kv_heads_for_cache(config)
+    eps = float(config.rms_norm_eps)
+
+    one = g.constant("/model/constants/INT64/[1]", np.array([1], np.int64))
+    ones = g.node("ReduceSum", ["attention_mask", one], "/model/attn_mask_reformat/attn_mask_subgraph/ReduceSum", keepdims=0)[0]
+    sub = g.node("Sub", [ones, one], "/model/attn_mask_reformat/attn_mask_subgraph/Sub")[0]
+    seqlens_k = g.node("Cast", [sub], "/model/attn_mask_reformat/attn_mask_subgraph/Sub/Cast", to=TensorProto.INT32)[0]
+    shape = g.node("Shape", ["attention_mask"], "/model/attn_mask_reformat/attn_mask_subgraph/Shape")[0]
+    width = g.node("Gather", [shape, g.constant("/model/constants/INT64/1", np.array(1, np.int64))],
+                   "/model/attn_mask_reformat/attn_mask_subgraph/Gather", axis=0)[0]
+    total = g.node("Cast", [width], "/model/attn_mask_reformat/attn_mask_subgraph/Gather/Cast", to=TensorProto.INT32)[0]
+    positions = torch.arange(context_length, dtype=torch.float32)[:, None] * torch.tensor(model.inv_freq, dtype=torch.float32)[None]
+    cos = g.weight("cos_cache", positions.cos())
+    sin = g.weight("sin_cache", positions.sin())
+
+    embed = g.weight("model.embed_tokens.weight", model.embed_tokens.weight)
+    x = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")[0]
+    pending: tuple[str, str] | None = None      # (stream, branch output) waiting to be added by the next norm
+    caches: list[int] = []
+
+    def norm(gain: torch.Tensor, prefix: str, weight_name: str) -> str:
+        nonlocal x, pending
+        gamma = g.weight(weight_name, gain)
+        if pending is None:     # nothing to add yet: the decomposed RMSNorm (onnxruntime fuses it)
+            build = NodeBuilder(prefix)
+            h = build.node("Mul", [build.rms_normalized(x, eps, T, OPSET), gamma], "norm/Mul")
+            g.nodes.extend(build.nodes)
+            g.small.extend(build.initializers)
+            return h
+        h, _, _, x = g.node("SkipSimplifiedLayerNormalization", [pending[0], pending[1], gamma], f"{prefix}/SkipLayerNorm",
+                            outputs=[f"{prefix}/output_0", "", "", f"{prefix}/output_3"], domain="com.microsoft", epsilon=eps)
+        pending = None
+        return h
+
+    for i, layer in enumerate(model.layers):
+        base = f"/model/layers.{i}"
+        if layer.has_attention:
+            h = norm(layer.attn_norm.weight, f"{base}/input_layernorm", f"model.layers.{i}.input_layernorm.weight")
+            attn, layer_kv = layer.attn, config.kv_heads(i)
+            qkv = torch.cat([attn.q_proj.weight, repeat_kv_rows(attn.k_proj.weight, layer_kv, kv, hd),
+                             repeat_kv_rows(attn.v_proj.weight, layer_kv, kv, hd)]).t()
+            packed = g.node("MatMul", [h, g.weight(f"model.layers.{i}.attn.qkv_proj.MatMul.weight", qkv)],
+                            f"{base}/attn/qkv_proj/MatMul")[0]
+            j = len(caches)
+            caches.append(i)
+            out = g.node("GroupQueryAttention",
+                         [packed, "", "", f"past_key_values.{j}.key", f"past_key_values.{j}.value", seqlens_k, total, cos, sin],
+                         f"{base}/attn/GroupQueryAttention",
+                         outputs=[f"{base}/attn/GroupQueryAttention/output_0", f"present.{j}.key", f"present.{j}.value"],
+                         domain="com.microsoft", num_heads=H, kv_num_heads=kv, scale=1.0 / math.sqrt(hd),
+                         local_window_size=-1, softcap=0.0, do_rotary=1, rotary_interleaved=0)[0]
+            y = g.node("MatMul", [out, g.weight(f"model.layers.{i}.attn.o_proj.MatMul.weight", attn.o_proj.weight.t())],
+                       f"{base}/attn/o_proj/MatMul")[0]
+            pending = (x, y)
+        if layer.has_ffn:
+            h = norm(layer.ffn_norm.weight, f"{base}/post_attention_layernorm", f"model.layers.{i}.post_attention_layernorm.weight")
+            ffn = layer.ffn
+            gate = g.node("MatMul", [h, g.weight(f"model.layers.{i}.mlp.gate_proj.MatMul.weight", ffn.gate_proj.weight.t())],
+                          f"{base}/mlp/gate_proj/MatMul")[0]
+            up = g.node("MatMul", [h, g.weight(f"model.layers.{i}.mlp.up_proj.MatMul.weight", ffn.up_proj.weight.t())],
+                        f"{base}/mlp/up_proj/MatMul")[0]
+            sig = g.node("Sigmoid", [gate], f"{base}/mlp/act_fn/Sigmoid")[0]
+            silu = g.node("Mul", [gate, sig], f"{base}/mlp/act_fn/Mul")[0]
+            act = g.node("Mul", [silu, up], f"{base}/mlp/Mul")[0]
+            y = g.node("MatMul", [act, g.weight(f"model.layers.{i}.mlp.down_proj.MatMul.weight", ffn.down_proj.weight.t())],
+                       f"{base}/mlp/down_proj/MatMul")[0]
+            pending = (x, y)
+    final = f"/model/layers.{len(model.layers)}/final_norm_layernorm"
+    if pending is not None:
+        h = g.node("SkipSimplifiedLayerNormalization", [pending[0], pending[1], g.weight(
+            f"model.layers.{len(model.layers)}.final_norm_layernorm.weight", model.norm.weight)], f"{final}/SkipLayerNorm",
+            outputs=[f"{final}/output_0"], domain="com.microsoft", epsilon=eps)[0]
+    else:
+        h = norm(model.norm.weight, final, f"model.layers.{len(model.layers)}.final_norm_layernorm.weight")
+    logits_type = TensorProto.FLOAT if T == TensorProto.BFLOAT16 else T
+    if config.tie_word_embeddings:
+        head = g.node("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])[0]
+    else:
+        head = g.weight("lm_head.MatMul.weight", model.lm_head.weight.t())
+    logits = g.node("MatMul", [h, head], "/lm_head/MatMul", outputs=["logits" if logits_type == T else "/lm_head/MatMul/output_0"])[0]
+    if logits != "logits":
+        g.node("Cast", [logits], "/lm_head/Cast", outputs=["logits"], to=logits_type)
+
+    cache_shape = ["batch_size", kv, "past_sequence_length", hd]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", logits_type, ["batch_size", "sequence_length", config.vocab_size])]
+    for kind in ("key", "value"):
+        inputs += [helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", T, cache_shape) for j in range(len(caches))]
+        outputs += [helper.make_tensor_value_info(f"present.{j}.{kind}", T, ["batch_size", kv, "total_sequence_length", hd])
+                    for j in range(len(caches))]
+    initializers = g.small + [TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in g.weights.values()]
+    graph = helper.make_graph(g.nodes, "genai_decoder", inputs, outputs, initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="exporters.genai")
+    proto.ir_version = 10
+    facts = {"head_size": hd, "hidden_size": d, "num_attention_heads": H, "num_hidden_layers": len(caches),
+             "num_key_value_heads": kv, "vocab_size": config.vocab_size, "attention_layers": caches}
+    return proto, g.weights, facts
+
+
+def genai_config(facts: dict, tokenizer, context_length: int, provider: str) -> dict:
+    """genai_config.json in the builder's layout (decoder inputs/outputs, cache templates, search defaults)."""
+    def token_id(name: str, default: int) -> int:
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        return int(value) if value is not None else default
+    eos = token_id("eos_token_id", 2)
+    options = [{"cuda": {"enable_cuda_graph": "0"}}] if provider == "cuda" else []
+    return {
+        "model": {
+            "bos_token_id": token_id("bos_token_id", 1),
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": options},
+                "filename": MODEL,
+                "head_size": facts["head_size"],
+                "hidden_size": facts["hidden_size"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": facts["num_attention_heads"],
+                "num_hidden_layers": facts["num_hidden_layers"],
+                "num_key_value_heads": facts["num_key_value_heads"],
+            },
+            "eos_token_id": eos,
+            "pad_token_id": token_id("pad_token_id", eos),
+            "type": "llama",
+            "vocab_size": facts["vocab_size"],
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def export_genai(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=None, *, context_length: int = 4096,
+                 provider: str = "cuda") -> Path:
+    """Write model.onnx (+ data), genai_config.json and the tokenizer files into `folder` (which must be new or
+    empty): everything is made and verified in a temporary folder beside it, then renamed into place."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"output {folder} exists and is not an empty folder; --runtime genai writes a new folder")
+    if not folder.parent.is_dir():
+        raise UserError(f"output folder {folder.parent} does not exist")
+    proto, weights, facts = build_graph(model, context_length)
+    extra = {"genai_config.json": (json.dumps(genai_config(facts, tokenizer, context_length, provider), indent=4) + "\n").encode()}
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage / "tokenizer")
+            for path in sorted((stage / "tokenizer").iterdir()):
+                extra[path.name] = path
+        model_dir = stage / "model"
+        model_dir.mkdir()
+        save_model(ModelOutput(proto, model_dir, dict(weights)), model_dir / MODEL, external=True, extra_files=extra)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(model_dir, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
