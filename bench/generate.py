@@ -30,10 +30,11 @@ def folder_facts(folder: Path) -> dict:
     config_path = folder / "genai_config.json"
     if not config_path.is_file():
         fail(f"{folder}: no genai_config.json (not an onnxruntime-genai folder)")
-    decoder = json.loads(config_path.read_text())["model"]["decoder"]
+    model = json.loads(config_path.read_text())["model"]
+    decoder = model["decoder"]
     weights = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
     return {"weight_bytes": weights, "caches": decoder["num_hidden_layers"], "kv_heads": decoder["num_key_value_heads"],
-            "head_size": decoder["head_size"]}
+            "head_size": decoder["head_size"], "vocab_size": model["vocab_size"]}
 
 
 def load(folder: Path, provider: str, cuda_graph: bool):
@@ -79,7 +80,8 @@ def hbm_floor_ms(facts: dict, batch: int, context: float, itemsize: int, bandwid
 
 def measure(folders: list[Path], batch: int, args, graphs: bool) -> dict:
     rng = np.random.default_rng(batch)
-    prompt = rng.integers(100, args.vocab_limit, size=(batch, args.prompt), dtype=np.int64)
+    high = min(args.vocab_limit, args.vocab_size)
+    prompt = rng.integers(min(100, high // 2), high, size=(batch, args.prompt), dtype=np.int64)
     models = [load(f, args.provider, graphs) for f in folders]
     for model in models:                                    # warm-up (and CUDA-graph capture)
         generate(model, prompt, min(args.new, 8))
@@ -129,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed generations per model and batch")
     parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--no-cuda-graph", action="store_true")
-    parser.add_argument("--vocab-limit", type=int, default=32000, help="prompt token ids are drawn below this")
+    parser.add_argument("--vocab-limit", type=int, default=32000, help="prompt token ids are drawn below this (and below the vocabulary size)")
     parser.add_argument("--labels", default="A,B", help="names of the two folders in the table and plot")
     parser.add_argument("--name", default="generate", help="result name")
     parser.add_argument("--out", default=".", help="folder for the JSON and PNG (default: the current folder)")
     args = parser.parse_args(argv)
     folders = [args.a, args.b]
     facts = [folder_facts(f) for f in folders]
+    args.vocab_size = min(f["vocab_size"] for f in facts)
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:

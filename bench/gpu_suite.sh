@@ -1,15 +1,35 @@
 #!/usr/bin/env bash
 # The GPU measurements of the README, in one go on an NVIDIA machine with onnxruntime-gpu and torch:
-#   bash bench/gpu_suite.sh chains OUT_DIR      FFN chains (ONNX Runtime CUDA + torch reference), ~3 min on an H200
-#   bash bench/gpu_suite.sh decode OUT_DIR      8B-shaped Puzzle model, one decode step with KV cache, ~6 min
-#   bash bench/gpu_suite.sh smollm2 OUT_DIR     SmolLM2-135M shapes: decode step, attention dropped, FFN runs fused
-#   bash bench/gpu_suite.sh tp OUT_DIR          tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
-# Models are written to ${WORK:-/tmp/ffn_suite}; results to OUT_DIR (default bench/results).
+#   bash bench/gpu_suite.sh chains OUT_DIR         FFN chains (ONNX Runtime CUDA + torch reference), ~3 min on an H200
+#   bash bench/gpu_suite.sh genai-prepare OUT_DIR  onnxruntime-genai folders: (a) Llama-8B shape, the builder's and
+#                                                  ours; (b) Puzzle-8B shape, unfused and paper-rule fused; (c) the
+#                                                  real SmolLM2, attention dropped (ranked 8) and + fused; ~7 min
+#   bash bench/gpu_suite.sh genai-measure OUT_DIR  bench.generate on (a), (b), (c): fp16, batch 1/8/32, ~3 min
+#   bash bench/gpu_suite.sh heal OUT_DIR           models.heal on SmolLM2 (ranked-8 drop; + paper rule; + all runs
+#                                                  fused, with and without hidden-state matching), ${MINUTES} each
+#   bash bench/gpu_suite.sh tp OUT_DIR             tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
+# Models are written to ${WORK:-/tmp/ffn_suite}, results to OUT_DIR (default bench/results). Steps whose output
+# exists are skipped, so a cut run continues. With two GPUs, independent jobs run side by side, one per GPU.
+# SHAPE=mini PROVIDER=cpu DTYPE=fp32 tries genai-* on a CPU. The torch decode graph (exporters.export --graph
+# decode) is no longer benchmarked for decode latency: onnxruntime-genai folders are what users deploy.
 set -euo pipefail
 what=$1; out=${2:-bench/results}
 work=${WORK:-/tmp/ffn_suite}; mkdir -p "$work" "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+shape=${SHAPE:-llama8b}; provider=${PROVIDER:-cuda}; dtype=${DTYPE:-fp16}; context=${CONTEXT:-2048}
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)
+
+side_by_side() {  # "commands for GPU 0" "commands for GPU 1" log-name: in parallel with two GPUs, else one after the other
+  if [ "$ngpu" -ge 2 ]; then
+    ( export CUDA_VISIBLE_DEVICES=0; eval "$1" ) > "$out/${3}_0.log" 2>&1 & local p0=$!
+    ( export CUDA_VISIBLE_DEVICES=1; eval "$2" ) > "$out/${3}_1.log" 2>&1 & local p1=$!
+    local rc=0; wait $p0 || rc=$?; wait $p1 || rc=$?
+    tail -n 25 "$out/${3}_0.log" "$out/${3}_1.log"
+    return $rc
+  fi
+  eval "$1"; eval "$2"
+}
 
 chain() {  # name hidden width k
   local name=$1 d=$2 m=$3 k=$4
@@ -30,30 +50,66 @@ case $what in
     chain llama8b_chain4 4096 14336 4
     "$py" -m bench.torch_chain --out "$out"
     ;;
-  decode)
-    "$py" -m bench.synthetic --preset llama8b-puzzle --mode decode -o "$work/llama8b_decode.onnx"
-    "$py" -m passes.fuse "$work/llama8b_decode.onnx" -o "$work/llama8b_decode.fused.onnx" \
-        --report "$out/llama8b_decode_fuse_report.json" | tail -n 9
-    "$py" -m bench.latency "$work/llama8b_decode.onnx" "$work/llama8b_decode.fused.onnx" --batch 1,8,32 --past 128 \
-        --runs 50 --label llama8b-puzzle-decode --name latency_llama8b_decode --out "$out"
+  genai-prepare)
+    job_a() {   # Llama-8B shape: the model builder's folder and ours, from one HF folder
+      [ -f "$work/a_hf/config.json" ] || "$py" -m bench.shapes "$shape" -o "$work/a_hf"
+      if [ ! -f "$work/a_builder/genai_config.json" ]; then
+        rm -rf "$work/a_builder.tmp"
+        "$py" -m onnxruntime_genai.models.builder -i "$work/a_hf" -o "$work/a_builder.tmp" -p "$dtype" -e "$provider" \
+            -c "$work/a_cache" > "$out/a_builder.log" 2>&1
+        mv "$work/a_builder.tmp" "$work/a_builder"
+      fi
+      [ -d "$work/a_ours" ] || "$py" -m exporters.export "$work/a_hf" -o "$work/a_ours" --runtime genai --dtype "$dtype" \
+          --provider "$provider" --context-length "$context"
+    }
+    job_b() {   # Puzzle-8B shape (attention removed in the middle half): ours unfused, then passes.fuse (paper rule)
+      [ -f "$work/b_hf/config.json" ] || "$py" -m bench.shapes "$shape-puzzle" -o "$work/b_hf"
+      [ -d "$work/b_unfused" ] || "$py" -m exporters.export "$work/b_hf" -o "$work/b_unfused" --runtime genai \
+          --dtype "$dtype" --provider "$provider" --context-length "$context"
+      mkdir -p "$work/b_fused"
+      [ -f "$work/b_fused/model.onnx" ] || "$py" -m passes.fuse "$work/b_unfused/model.onnx" -o "$work/b_fused/model.onnx" \
+          --plan paper --report "$out/genai_puzzle_fuse_report.json" | tail -n 9
+    }
+    job_c() {   # the real SmolLM2: attention dropped in the 8 ranked layers, then the paper's rule
+      [ -d "$work/c_genai" ] || "$py" -m exporters.export smollm2 -o "$work/c_genai" --runtime genai --dtype "$dtype" \
+          --provider "$provider" --context-length "$context"
+      mkdir -p "$work/c_dropped" "$work/c_fused"
+      [ -f "$work/c_dropped/model.onnx" ] || "$py" -m passes.drop_attention "$work/c_genai/model.onnx" \
+          -o "$work/c_dropped/model.onnx" --layers 5-7,17-18,25-26,29 | tail -n 2
+      [ -f "$work/c_fused/model.onnx" ] || "$py" -m passes.fuse "$work/c_dropped/model.onnx" -o "$work/c_fused/model.onnx" \
+          --plan paper --report "$out/genai_smollm2_fuse_report.json" | tail -n 9
+    }
+    side_by_side "job_a; job_c" job_b genai_prepare
     ;;
-  smollm2)
-    # SmolLM2-135M's shapes (random weights: latency does not depend on values), decode graph with KV cache, fp16
-    "$py" -m exporters.export smollm2-shape --graph decode --dtype fp16 -o "$work/smollm2.onnx" | tail -n 3
-    for n in 8 12; do
-      first=$((30 - n))
-      "$py" -m passes.drop_attention "$work/smollm2.onnx" -o "$work/smollm2_drop$n.onnx" --layers $first-29 | tail -n 2
-      "$py" -m passes.fuse "$work/smollm2_drop$n.onnx" -o "$work/smollm2_drop${n}_fused.onnx" \
-          --report "$out/smollm2_drop${n}_fuse_report.json" | sed -n 3,4p
-      "$py" -m bench.latency "$work/smollm2_drop$n.onnx" "$work/smollm2_drop${n}_fused.onnx" --batch 1,8,32 --past 128 \
-          --runs 50 --label "smollm2-drop$n: fusion" --name "latency_smollm2_drop${n}_fusion" --out "$out"
-    done
-    "$py" -m bench.latency "$work/smollm2.onnx" "$work/smollm2_drop12_fused.onnx" --batch 1,8,32 --past 128 \
-        --runs 50 --label "smollm2: original vs drop12+fused" --name latency_smollm2_orig_vs_drop12_fused --out "$out"
+  genai-measure)
+    gen="--batch ${BATCH:-1,8,32} --prompt 128 --new 128 --runs 3 --provider $provider --out $out"
+    side_by_side \
+      "$py -m bench.generate $work/a_builder $work/a_ours $gen --labels builder,ours --name genai_${shape}_builder_vs_ours;
+       $py -m bench.generate $work/c_dropped $work/c_fused $gen --labels dropped,dropped+fused --vocab-limit 49152 \
+           --name genai_smollm2_fusion" \
+      "$py -m bench.generate $work/b_unfused $work/b_fused $gen --labels unfused,fused --name genai_${shape}_puzzle_fusion" \
+      genai_measure
+    ;;
+  heal)
+    # one pool of teacher samples, made by the first run; every run gets ${MINUTES} of training (two runs per GPU)
+    common=(--drop 5-7,17-18,25-26,29 --minutes "${MINUTES:-6.5}" --pool 32768 --sample-batch 4096 --pool-file "$work/pool.pt"
+            --eval-every 100 --save-every 0)
+    run_heal() { local gpu=$1 name=$2; shift 2
+      [ -f "$out/heal_$name.json" ] || CUDA_VISIBLE_DEVICES=$gpu "$py" -m models.heal smollm2 -o "$work/heal_$name" "${common[@]}" \
+          --report "$out/heal_$name.json" "$@" > "$out/heal_$name.log" 2>&1
+    }
+    second=$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)
+    run_heal 0 dropped & first=$!
+    while [ ! -f "$work/pool.pt" ] && kill -0 $first 2>/dev/null; do sleep 2; done
+    run_heal 0 paper --fuse 4-6,16-17,24-25 &
+    run_heal "$second" all --fuse 4-7,16-18,24-26,28-29 &
+    run_heal "$second" all_hidden --fuse 4-7,16-18,24-26,28-29 --hidden-weight 1.0 &
+    wait
+    tail -n 3 "$out"/heal_*.log
     ;;
   tp)
     "$py" -m bench.tp --quick --out "$out"
     "$py" -m bench.tp --quick --emulate-tp 8 --out "$out"
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|decode|smollm2|tp [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|heal|tp [OUT_DIR]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@ the weights):
 
     python -m bench.shapes llama8b -o DIR            # Llama-3.1-8B: 32 layers, d 4096, FFN 14336, 32 heads, 8 KV
     python -m bench.shapes llama8b-puzzle -o DIR     # the same with attention removed in layers 8-23 (nemotron-nas)
+    python -m bench.shapes mini[-puzzle] -o DIR      # 8 layers, d 256: for trying the GPU scripts on a CPU
 
 Weights are drawn on the GPU when there is one (seconds for 8B), scaled so activations stay O(1) (linear layers
 N(0, 1/fan_in), norm gains 1 + N(0, 0.1^2)), and written with exporters.checkpoint.save_checkpoint (llama, or
@@ -25,14 +26,21 @@ from models.tokenizers import byte_level_tokenizer
 from passes.support.errors import fail, run_cli
 
 
+SHAPES = {   # name: (layers, hidden, FFN width, heads, KV heads, vocab); "-puzzle": attention removed in the middle half
+    "llama8b": (32, 4096, 14336, 32, 8, 128256),
+    "mini": (8, 256, 768, 4, 2, 512),            # for trying the GPU scripts on a CPU
+}
+
+
 def shape(name: str) -> DecoderConfig:
-    full = [LayerSpec(True, 14336)] * 32
-    layers = {"llama8b": full,
-              "llama8b-puzzle": [LayerSpec(not 8 <= i < 24, 14336) for i in range(32)]}
-    if name not in layers:
-        fail(f"unknown shape {name!r} (choose from {', '.join(layers)})")
-    return DecoderConfig(vocab_size=128256, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
-                         layers=layers[name], rms_norm_eps=1e-5, rope_theta=500000.0)
+    base = name.removesuffix("-puzzle")
+    if base not in SHAPES:
+        fail(f"unknown shape {name!r} (choose from {', '.join(f'{s}, {s}-puzzle' for s in SHAPES)})")
+    n, d, m, heads, kv, vocab = SHAPES[base]
+    puzzle = name.endswith("-puzzle")
+    layers = [LayerSpec(not (puzzle and n // 4 <= i < 3 * n // 4), m) for i in range(n)]
+    return DecoderConfig(vocab_size=vocab, hidden_size=d, num_heads=heads, num_kv_heads=kv, head_dim=d // heads,
+                         layers=layers, rms_norm_eps=1e-5, rope_theta=500000.0)
 
 
 @torch.no_grad()
@@ -55,7 +63,7 @@ def random_model(config: DecoderConfig, dtype: torch.dtype, device: str, seed: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.shapes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("shape", help="llama8b or llama8b-puzzle")
+    parser.add_argument("shape", help="llama8b, llama8b-puzzle, mini or mini-puzzle")
     parser.add_argument("-o", "--output", required=True, help="new HF checkpoint folder")
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     args = parser.parse_args(argv)

@@ -6,11 +6,11 @@ from the teacher's weights; every weight trains. Loss per batch: the mean over a
 KL(p_teacher || p_student) of the next-token distributions, plus, with --hidden-weight w > 0,
 w * |x_student - x_teacher|^2 / |x_teacher|^2 of the residual stream after each fused group (its output must
 match the sequential run it replaces). AdamW (betas 0.9, 0.95), linear warm-up over --warmup steps, cosine decay
-to a tenth of --lr; bf16 autocast on a GPU.
+to a tenth of --lr over the --steps (or over the --minutes when no --steps are given); bf16 autocast on a GPU.
 
 Data: the --text files (tokenized with the teacher's tokenizer, cut into --seq windows) and, by default or with
 --sample, sequences the teacher samples itself (temperature 1, from random first tokens, --pool of them made up
-front with a KV cache; no data set needs to be downloaded). Evaluation: --eval-tokens of held-out text (--eval-text,
+front with a KV cache, shared between runs through --pool-file; no data set needs to be downloaded). Evaluation: --eval-tokens of held-out text (--eval-text,
 default the start of CPython's language reference, @pydoc), never trained on: when a --text file is the eval text,
 its eval windows are cut out of the training set. Reported at every --eval-every steps: held-out perplexity of
 the student (and of the teacher once), next-token KL and top-1 agreement against the teacher.
@@ -115,12 +115,28 @@ def group_outputs(model, layers: list[int], store: dict) -> list:
     return [model.layers[i].register_forward_hook(lambda _m, _a, out, i=i: store.__setitem__(i, out)) for i in layers]
 
 
-def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    """Linear warm-up, then cosine decay to lr / 10 at `steps`."""
+def lr_at(step: int, progress: float, warmup: int, lr: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to lr / 10 as `progress` (of the steps or of the
+    time budget) goes from 0 to 1."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def teacher_pool(teacher, args, device, autocast) -> torch.Tensor:
+    """The teacher-sampled training sequences; with --pool-file, read from it when it exists (several runs share
+    one pool), else sampled and written there (renamed into place whole)."""
+    path = Path(args.pool_file) if args.pool_file else None
+    if path is not None and path.is_file():
+        pool = torch.load(path)
+        if pool.dim() != 2 or pool.shape[1] != args.seq or pool.dtype != torch.int64:
+            fail(f"--pool-file {path} holds {tuple(pool.shape)} {pool.dtype} sequences, not [N, {args.seq}] int64")
+        return pool
+    pool = sample_pool(teacher, args.pool, args.seq, device, args.sample_batch, args.seed, autocast)
+    if path is not None:
+        torch.save(pool, path.with_name(path.name + ".tmp"))
+        path.with_name(path.name + ".tmp").replace(path)
+    return pool
 
 
 def heal(args) -> dict:
@@ -152,12 +168,12 @@ def heal(args) -> dict:
             ids = ids[args.eval_tokens:]          # the held-out windows never train
         train.append(windows(ids, args.seq))
     if args.sample or not args.text:
-        train.append(sample_pool(teacher, args.pool, args.seq, device, args.sample_batch, args.seed, autocast))
+        train.append(teacher_pool(teacher, args, device, autocast))
     data = torch.cat(train)
     record = {"teacher": args.teacher, "dropped_layers": dropped, "groups": [list(g) for g in groups],
               "student_layers": [[s.attention, s.ffn_width] for s in student.config.layers],
               "data": {"sequences": int(len(data)), "seq": args.seq, "text": args.text,
-                       "sampled": int(args.pool if (args.sample or not args.text) else 0)},
+                       "sampled": int(len(train[-1]) if (args.sample or not args.text) else 0)},
               "eval": {"text": args.eval_text, "tokens": int(eval_ids.numel())},
               "settings": {k: getattr(args, k) for k in ("lr", "warmup", "batch", "seq", "hidden_weight", "seed", "bf16")},
               "curve": []}
@@ -191,7 +207,7 @@ def heal(args) -> dict:
         batch = data[order[position:position + args.batch]].to(device)
         position += args.batch
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.schedule_steps or total_steps, args.warmup, args.lr)
+            group["lr"] = lr_at(step, step / args.steps if args.steps else trained_s / budget, args.warmup, args.lr)
         with autocast():
             with torch.no_grad():
                 target = teacher(batch)
@@ -276,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuse", help="FFN groups fused (ordinals), e.g. 4-6,16-17,24-25")
     parser.add_argument("--minutes", type=float, help="training time budget")
     parser.add_argument("--steps", type=int, help="training steps (default: until --minutes)")
-    parser.add_argument("--schedule-steps", type=int, help="steps the cosine schedule spans (default --steps)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -286,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", action="store_true", help="also train on teacher-sampled sequences with --text")
     parser.add_argument("--pool", type=int, default=16384, help="teacher-sampled sequences")
     parser.add_argument("--sample-batch", type=int, default=1024)
+    parser.add_argument("--pool-file", help="read the sampled sequences from this file, or sample and write them there")
     parser.add_argument("--eval-text", default=PYDOC)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--eval-every", type=int, default=100)
