@@ -25,7 +25,6 @@ from models.decoder import PuzzleDecoder
 from models.tokenizers import byte_level_tokenizer
 from passes.support.errors import fail, run_cli
 
-
 SHAPES = {   # name: (layers, hidden, FFN width, heads, KV heads, vocab); "-puzzle": attention removed in the middle half
     "llama8b": (32, 4096, 14336, 32, 8, 128256),
     "mini": (8, 256, 768, 4, 2, 512),            # for trying the GPU scripts on a CPU

@@ -142,3 +142,21 @@ def test_heal_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not np.any([p.name.endswith(".state") for p in tmp_path.iterdir()])
+
+
+def test_fuse_reads_gains_that_torch_onnx_deduplicated(tmp_path, teacher):
+    """torch.onnx stores equal initializers once and feeds the others through Identity: blocks whose norm gains
+    are equal are still found and fused exactly."""
+    model = build_preset("puzzle-tiny")[0]
+    with torch.no_grad():
+        for i in (2, 3, 4):
+            model.layers[i].ffn_norm.weight.copy_(model.layers[1].ffn_norm.weight)
+    export_onnx(model, tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    assert sum(n.op_type == "Identity" for n in graph.graph.node) >= 3
+    assert len(match_ffn_blocks(graph).blocks) == 11
+    assert fuse_main([str(tmp_path / "m.onnx"), "--groups", "2-5", "-o", str(tmp_path / "f.onnx")]) == 0
+    ids = random_ids(model.config.vocab_size)
+    with torch.no_grad():
+        want = drop_and_fuse(model, [], [(2, 5)])(ids)
+    assert rel_err(session(tmp_path / "f.onnx").run(None, {"input_ids": ids.numpy()})[0], want) < 1e-5
