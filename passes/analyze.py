@@ -4,9 +4,15 @@ Measures, on calibration inputs through onnxruntime, how much each FFN block cha
 much each block depends on each earlier one (the dependency matrix M of arXiv 2503.18908; definitions in
 passes/pipeline/analysis.py). Small M[i][j]: block j barely notices block i, so they can run in parallel.
 
+It also predicts what fusing each candidate group would cost (every run of 2 to --max-group selected blocks
+inside a chain): the first-order change of the model's output, next-token KL for language models
+(passes/pipeline/predict.py). M stays as the paper's reference; the prediction is what `passes.fuse --plan auto`
+plans with.
+
 Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, selected (ordinals analyzed),
 inputs (source, shapes; a warning for random tokens), tokens, metrics {ordinal: {cosdist_io, ratio}},
-dependency {ordinals, scope, matrix (row i, column j; null = not measured)}, cost {forward_pass_equivalents,
+dependency {ordinals, scope, matrix (row i, column j; null = not measured)}, candidates {unit, definition,
+groups: [{span, predicted_cost, relative_error, sensitivity, max_m}]}, cost {forward_pass_equivalents,
 node_fraction, seconds, session_seconds, runs, per_run, definition}, seconds.
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from pathlib import Path
 
 from passes.pipeline.analysis import SCOPES, compute_metrics, parse_block_spec
+from passes.pipeline.predict import DEFAULT_MAX_GROUP
 from passes.pipeline.structure import model_structure
 from passes.support.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
 from passes.support.errors import fail, run_cli
@@ -25,6 +32,8 @@ from passes.support.outputs import Staging, check_output
 from passes.support.plots import blocks_plot_path
 from passes.support.ranges import spans
 from passes.support.report import table
+
+CANDIDATES_SHOWN = 15
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", help="FFN ordinals to analyze, e.g. 3-10 or 1,4,6-9 (default: all)")
     parser.add_argument("--scope", choices=SCOPES, default="all",
                         help="all: M between every pair of selected blocks; chains: only inside each chain (cheaper)")
+    parser.add_argument("--max-group", type=_positive_int, default=DEFAULT_MAX_GROUP,
+                        help=f"longest candidate group whose cost is predicted (default {DEFAULT_MAX_GROUP}; 1: none)")
     parser.add_argument("--plot", help="write the heatmap of M here (PNG) and the per-block plot beside it as *_blocks.png")
     parser.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH, help="rows of random inputs (without --inputs)")
     parser.add_argument("--seq", type=_positive_int, default=DEFAULT_SEQ, help="sequence length of random inputs")
@@ -64,9 +75,18 @@ def summary(report: dict) -> str:
     lines = [f"FFN analysis: {report['model']}  ({len(report['blocks'])} FFN blocks, {len(ordinals)} analyzed, "
              f"{report['tokens']} tokens)",
              f"  inputs: {report['inputs']['source']}",
-             table(rows, header=("block", "width", "chain", "cosdist_io", "|h|/|x|", "M[t][t+1]")),
-             f"  cost: {cost['forward_pass_equivalents']:.3g} forward-pass equivalents in {cost['runs']} runs, "
-             f"{cost['seconds']:.2f} s ({cost['session_seconds']:.2f} s creating sessions)"]
+             table(rows, header=("block", "width", "chain", "cosdist_io", "|h|/|x|", "M[t][t+1]"))]
+    candidates = report.get("candidates")
+    if candidates:
+        ranked = sorted(candidates["groups"], key=lambda c: (c["predicted_cost"] is None, c["predicted_cost"] or 0.0))
+        shown = ranked[:CANDIDATES_SHOWN]
+        lines.append(f"  candidate groups, cheapest first ({len(shown)} of {len(ranked)}; predicted {candidates['unit']} of "
+                     f"fusing each alone, max M over its pairs):")
+        lines.append(table([(f"{c['span'][0]}-{c['span'][1]}", "-" if c["predicted_cost"] is None else c["predicted_cost"],
+                             "-" if c["max_m"] is None else c["max_m"]) for c in shown],
+                           header=("group", f"predicted {candidates['unit']}", "max M")))
+    lines.append(f"  cost: {cost['forward_pass_equivalents']:.3g} forward-pass equivalents in {cost['runs']} runs, "
+                 f"{cost['seconds']:.2f} s ({cost['session_seconds']:.2f} s creating sessions)")
     return "\n".join(lines)
 
 
@@ -91,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_for(model, args.inputs, batch=args.batch, seq=args.seq, seed=args.seed)
     print(f"analyze: {args.model}: {len(structure.blocks)} FFN blocks, measuring {len(ordinals)} on "
           f"{calib.record()['tokens']} tokens ...", flush=True)
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, blocks=structure.blocks, chains=structure.chains)
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, blocks=structure.blocks, chains=structure.chains,
+                              predict=args.max_group if args.max_group > 1 else None)
     record = structure.record()
     report = {
         "tool": "passes.analyze",

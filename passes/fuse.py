@@ -2,8 +2,9 @@
 
 match -> chains -> (analysis) -> plan -> rewrite -> verify. Plans: --groups (explicit ordinals); the paper's
 rule (default): every chain of at least 3 FFN blocks is fused except its last block, in groups of at most
---max-group blocks; --plan auto: groups inside chains whose pairwise dependency M stays under --threshold,
-measured on --inputs. With --inputs, the change of the model's outputs is measured on the written model before
+--max-group blocks; --plan auto: measured on --inputs, the groups that remove the most sequential FFN stages
+while the predicted next-token KL of the plan stays under --max-kl (or the cheapest plan reaching
+--target-depth; or, with --threshold, groups whose pairwise dependency M stays under it). With --inputs, the change of the model's outputs is measured on the written model before
 it is put in place, and reported. Nothing to fuse: no model is written (unless --write-unchanged).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from passes.pipeline.change import change_summary, measure_change
 from passes.pipeline.fusion import fuse_model, write_fused
 from passes.pipeline.plan import paper_rule, parse_groups
-from passes.pipeline.plan_auto import DEFAULT_THRESHOLD, auto_plan
+from passes.pipeline.plan_auto import DEFAULT_MAX_COST, DEFAULT_THRESHOLD, auto_plan
 from passes.pipeline.structure import ModelStructure, model_structure
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
@@ -64,6 +65,8 @@ def why_nothing(structure: ModelStructure, plan: str, auto: dict | None) -> list
                 f"give --groups, or drop more attention"]
     if auto.get("reason"):
         return [f"  nothing to fuse: {auto['reason']}"]
+    if "threshold" not in auto:
+        return ["  nothing to fuse within the budget; raise --max-kl deliberately (the change is measured and reported)"]
     closest = ", ".join(f"{c['span'][0]}-{c['span'][1]} (M {c['m']:.3g})" for c in auto.get("closest", [])[:3])
     return [f"  nothing to fuse: no group has every pair with M <= threshold {auto['threshold']:g}; closest: {closest}",
             "  raise --threshold deliberately (the change is measured and reported), or give --groups"]
@@ -72,6 +75,12 @@ def why_nothing(structure: ModelStructure, plan: str, auto: dict | None) -> list
 def _at_least_two(text: str) -> int:
     if not text.isdigit() or int(text) < 2:
         raise argparse.ArgumentTypeError(f"must be an integer >= 2, got '{text}'")
+    return int(text)
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
     return int(text)
 
 
@@ -92,10 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--groups", help="groups to fuse by FFN ordinal, e.g. 2-5,7-9 (default: the paper's rule)")
     parser.add_argument("--plan", choices=("paper", "auto"),
                         help="paper: every chain of >= 3 blocks but its last block (the default without --groups); "
-                             "auto: measure the dependency matrix M on --inputs and fuse runs whose pairs all have "
-                             "M <= --threshold, the last block of each chain kept")
+                             "auto: predict what fusing each group costs on --inputs and fuse the most stages "
+                             "within --max-kl")
+    parser.add_argument("--max-kl", type=_threshold,
+                        help=f"--plan auto: budget of predicted next-token KL (nats) for the whole plan (default "
+                             f"{DEFAULT_MAX_COST}; for models without logits: relative squared output error)")
+    parser.add_argument("--target-depth", type=_at_least_one,
+                        help="--plan auto: the cheapest plan with at most this many sequential FFN stages")
     parser.add_argument("--threshold", type=_threshold,
-                        help=f"--plan auto: largest M[i][j] allowed inside a group (default {DEFAULT_THRESHOLD})")
+                        help=f"--plan auto by the paper's metric instead: largest M[i][j] inside a group (e.g. "
+                             f"{DEFAULT_THRESHOLD}), the last block of each chain kept")
     parser.add_argument("--inputs", help="calibration inputs (npz, polygraphy JSON or JSON token lists; see bench.inputs) "
                                          "for --plan auto and to measure the change the fusion makes (default for "
                                          "--plan auto: random token ids, with a warning)")
@@ -115,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output) if args.output else model_path.with_name(model_path.name.removesuffix(".onnx") + ".fused.onnx")
     if args.plan is not None and args.groups is not None:
         fail("--plan and --groups are exclusive: give the groups, or let --plan choose them")
-    if args.threshold is not None and args.plan != "auto":
-        fail("--threshold only applies to --plan auto")
+    chosen = [f"--{name.replace('_', '-')}" for name in ("max_kl", "target_depth", "threshold") if getattr(args, name) is not None]
+    if chosen and args.plan != "auto":
+        fail(f"{chosen[0]} only applies to --plan auto")
+    if len(chosen) > 1:
+        fail(f"{' and '.join(chosen)} are exclusive: give one budget for --plan auto")
     groups = parse_groups(args.groups) if args.groups is not None else None
     check_output(out, "output", model_path)
     if args.report:
@@ -133,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_for(model, args.inputs) if args.plan == "auto" or args.inputs is not None else None
     auto = None
     if args.plan == "auto":
-        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        groups, auto = auto_plan(model, structure, calib, threshold, args.max_group)
-        plan = f"auto (M <= {threshold:g})"
+        groups, auto = auto_plan(model, structure, calib, max_cost=args.max_kl, target_depth=args.target_depth,
+                                 threshold=args.threshold, max_group=args.max_group)
+        plan = (f"auto (M <= {args.threshold:g})" if args.threshold is not None else
+                f"auto (FFN depth <= {args.target_depth})" if args.target_depth is not None else
+                f"auto (predicted {auto.get('unit') or 'change'} <= {auto['max_cost']:g})")
     elif groups is None:
         groups, plan = paper_rule(structure.chains, args.max_group), "paper rule"
     else:
@@ -172,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     if "change" in report:
         print(change_summary(report["change"]))
+    if auto is not None and groups and "predicted_cost" in auto:
+        measured = report.get("change", {}).get("kl" if auto["unit"] == "kl" else "relative_error")
+        print(f"  predicted {auto['unit']} of the plan: {auto['predicted_cost']:.4g}"
+              + (f" (measured {measured:.4g})" if measured is not None and auto["unit"] == "kl" else ""))
     if args.report:
         print(f"  report: {args.report}")
     print(f"  model: {out}")

@@ -265,7 +265,14 @@ def test_cli_report_and_plots(lm, tmp_path):
     assert len(matrix) == 5 and matrix[0][1] > 0 and matrix[1][0] == 0
     assert set(report["metrics"]) == {"0", "1", "2", "3", "4"}
     assert report["metrics"]["2"]["cosdist_io"] > 0 and report["metrics"]["2"]["ratio"] > 0
-    assert report["cost"]["runs"] == 5 and report["cost"]["forward_pass_equivalents"] > 1
+    runs = [r["run"] for r in report["cost"]["per_run"]]
+    # base, removals of 0-3 (M), one suffix run per candidate end (1, 2, 4: blocks 0-4 inside chains [0-2] [3-5]), probes
+    assert runs == ["base", "remove 0", "remove 1", "remove 2", "remove 3", "pair 0-1", "pair 1-2", "pair 3-4", "FFN probes"]
+    assert report["cost"]["forward_pass_equivalents"] > 1
+    spans = [c["span"] for c in report["candidates"]["groups"]]
+    assert spans == [[0, 1], [0, 2], [1, 2], [3, 4]] and report["candidates"]["unit"] == "kl"
+    assert all(c["predicted_cost"] > 0 and c["max_m"] is not None for c in report["candidates"]["groups"])
+    assert "candidate groups, cheapest first" in done.stdout
     assert report["inputs"]["shapes"] == {"input_ids": [2, 12]} and "warning" not in report["inputs"]
     assert "M[t][t+1]" in done.stdout and "forward-pass equivalents" in done.stdout
     for png in (heat, tmp_path / "heat_blocks.png"):

@@ -81,7 +81,8 @@ def render_markdown(record: dict, results_rel: str = "../bench/results", prefix:
               "*fusion's KL*: against the same model with attention dropped but nothing fused (what fusion itself costs). "
               "*FFN depth*: FFN stages the residual stream passes one after another (30 before fusion); *attn*: attention "
               "sublayers left. Plans: `paper` = `--plan paper` (every chain of 3+ blocks fused except its last block); "
-              f"`auto` = `--plan auto` at the default threshold {record['auto_default_threshold']:g}; `auto@{AUTO_LOOSE:g}` = "
+              f"`auto` = `--plan auto --threshold {record['auto_default_threshold']:g}` (the paper's M rule; `--plan auto` "
+              "without --threshold now plans by predicted KL, see the README); `auto@" f"{AUTO_LOOSE:g}` = "
               f"`--threshold {AUTO_LOOSE:g}`; `all` = every chain fused whole, last block included (`--groups`).", "",
               f"Original: perplexity {record['original']['ppl']:.2f}, 30 attention sublayers, FFN depth 30.", "",
               "| attention dropped in | plan | fused groups | attn | FFN depth | KL | top-1 | perplexity | fusion's KL | fusion's top-1 |",
@@ -276,11 +277,11 @@ def conclusion(record: dict) -> list[str]:
     if auto:
         empty = sum(1 for x in auto if not x["groups"])
         lo, hi = _m_range(record)
-        out.append(f"- **`--plan auto` at its default threshold ({record['auto_default_threshold']:g}) fuses nothing in {empty} of "
+        out.append(f"- **The M rule (`--threshold {record['auto_default_threshold']:g}`) fuses nothing in {empty} of "
                    f"{len(auto)} sets:** M between neighbouring blocks inside the chains is {lo:.3f}-{hi:.3f}. That refusal is "
                    f"right for the late chains" + (f", but it also refuses the nearly free fusions above (their largest M "
                    f"{min(_group_m(record, x) for x in cheap):.3f}-{max(_group_m(record, x) for x in cheap):.3f})"
-                   if cheap else "") + ", so a user must loosen --threshold and read the KL the fuse report prints.")
+                   if cheap else "") + ". That is why `--plan auto` now plans by predicted KL instead (README).")
     eq = [p for p in record["equal_depth"] if not p["same_plan"]]
     if eq:
         wins = [p for p in eq if p["auto_fusion_kl"] < p["even_fusion_kl"]]

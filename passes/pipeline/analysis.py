@@ -16,14 +16,26 @@ contribution needed. The whole matrix costs about n/2 forward-pass equivalents f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 from onnx import TensorProto
 
 from passes.pipeline.chains import Chain, find_chains
+from passes.pipeline.change import logits_output
 from passes.pipeline.match import FFNBlock, match_ffn_blocks
+from passes.pipeline.predict import (
+    PROBE_TOKENS,
+    CandidateCost,
+    FFNProbe,
+    candidate_spans,
+    group_ends,
+    output_change,
+    pair_contributions,
+    predict_costs,
+)
 from passes.pipeline.suffix import Cost, SuffixRuns
 from passes.support.errors import fail
 from passes.support.graph import GraphIndex
@@ -31,6 +43,8 @@ from passes.support.onnx_io import LoadedModel, load_model
 from passes.support.ranges import expand, parse_ranges
 
 SCOPES = ("all", "chains")
+PREDICTION_DEFINITION = ("predicted_cost(a..z) = change(remove block z) * E|delta|^2 / E|h_z|^2, delta = sum_{t=a+1..z} "
+                         "F_t(x_a) - h_t: the first-order output change of fusing a..z alone (passes/pipeline/predict.py)")
 
 
 @dataclass
@@ -46,6 +60,16 @@ class Metrics:
     cost: Cost
     tokens: int = 0
     scope: str = "all"
+    candidates: list[CandidateCost] = field(default_factory=list)   # predicted costs (passes.pipeline.predict)
+    change_unit: str | None = None       # "kl" or "relative_squared_error": the unit of predicted_cost
+
+    def max_m(self, first: int, last: int) -> float | None:
+        """max M[i][j] over pairs i < j of first..last (None when a pair was not measured)."""
+        run = range(first, last + 1)
+        if not set(run) <= set(self.ordinals):
+            return None
+        values = [self.m(i, j) for i in run for j in run if i < j]
+        return None if any(v is None for v in values) else max(values, default=0.0)
 
     def position(self, ordinal: int) -> int:
         return self.ordinals.index(ordinal)
@@ -63,6 +87,9 @@ class Metrics:
                            "matrix": [[_num(v) for v in row] for row in self.dependency]},
             "tokens": self.tokens,
             "cost": self.cost.record(),
+            **({"candidates": {"unit": self.change_unit, "definition": PREDICTION_DEFINITION,
+                               "groups": [{**c.record(), "max_m": _num(self.max_m(c.first, c.last))}
+                                          for c in self.candidates]}} if self.candidates else {}),
         }
 
 
@@ -116,15 +143,18 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
 
 def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], ordinals: Sequence[int] | None = None, *,
                     scope: str = "all", progress: bool = True, blocks: list[FFNBlock] | None = None,
-                    chains: list[Chain] | None = None) -> Metrics:
+                    chains: list[Chain] | None = None, predict: int | None = None,
+                    probe_tokens: int = PROBE_TOKENS) -> Metrics:
     """cosdist_io, ratio and the dependency matrix M for `ordinals` (default: every FFN block) on `feeds`
-    (already validated, see passes.support.calibration). scope "chains" measures M only between blocks of one chain."""
+    (already validated, see passes.support.calibration). scope "chains" measures M only between blocks of one chain.
+    With `predict` = G, also the predicted cost of fusing every run of 2..G blocks of a chain among `ordinals`
+    (passes.pipeline.predict), from the same runs plus suffix runs to the output for the blocks that end a run."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
     if not isinstance(model, LoadedModel):
         model = load_model(model)
     proto = model.proto
-    if blocks is None or (scope == "chains" and chains is None):
+    if blocks is None or chains is None:
         index = GraphIndex.build(proto.graph)
         blocks = match_ffn_blocks(proto, index).blocks if blocks is None else blocks
         chains = find_chains(blocks, index) if chains is None else chains
@@ -141,12 +171,17 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
         js = [j for j in ordinals[a + 1:] if scope == "all" or chain_of.get(j) == chain_of.get(i)]
         if js:
             later[i] = js
+    spans = candidate_spans(chains, ordinals, predict, blocks) if predict else []
+    ends = set(group_ends(spans))
+    output = logits_output([o.name for o in proto.graph.output]) if spans else None
     x_names = {o: blocks[o].residual_in for o in ordinals}
     h_names = {o: blocks[o].contribution for o in ordinals}
     bf16 = {name for b in blocks if b.data_type == TensorProto.BFLOAT16 for name in (b.residual_in, b.contribution)}
-    removals = [(blocks[i], [blocks[j].contribution for j in js], f"remove {i}") for i, js in later.items()]
-    with SuffixRuns(model, feeds, list(dict.fromkeys([*x_names.values(), *h_names.values()])), removals,
-                    float_names=bf16, progress=progress) as runs:
+    removed = sorted(later)
+    removals = [(blocks[i], [blocks[j].contribution for j in later[i]], f"remove {i}") for i in removed]
+    removals += [(blocks[z], [output], f"pair {z - 1}-{z}", True) for z in sorted(ends)]
+    base_targets = list(dict.fromkeys([*x_names.values(), *h_names.values(), *([output] if output else [])]))
+    with SuffixRuns(model, feeds, base_targets, removals, float_names=bf16, progress=progress) as runs:
         base = runs.base()
         xs = {o: base[x_names[o]] for o in ordinals}
         hs = {o: base[h_names[o]] for o in ordinals}
@@ -155,9 +190,19 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
         tokens = int(hs[ordinals[0]].size // hs[ordinals[0]].shape[-1])
         pos = {o: a for a, o in enumerate(ordinals)}
         matrix: list[list[float | None]] = [[0.0 if b <= a else None for b in range(len(ordinals))] for a in range(len(ordinals))]
-        for k, i in enumerate(later):
+        for k, i in enumerate(removed):
             result = runs.removal(k)
             for j in later[i]:
                 matrix[pos[i]][pos[j]] = _mean(cosine_distance(hs[j], result[blocks[j].contribution]))
+        candidates = []
+        if spans:
+            probe, start = FFNProbe(model), time.perf_counter()
+            pairs = pair_contributions(sorted(ends), blocks, xs, probe)
+            change = {}
+            for k, z in enumerate(sorted(ends), start=len(removed)):
+                change[z] = output_change(base[output], runs.removal(k, pairs.pop(z))[output], output == "logits")
+            candidates = predict_costs(spans, blocks, xs, hs, change, probe, probe_tokens)
+            runs.charge("FFN probes", probe.flops / tokens, time.perf_counter() - start)
         cost = runs.cost()
-    return Metrics(list(ordinals), cosdist, ratio, matrix, cost, tokens, scope)
+    return Metrics(list(ordinals), cosdist, ratio, matrix, cost, tokens, scope, candidates,
+                   ("kl" if output == "logits" else "relative_squared_error") if spans else None)

@@ -1,17 +1,20 @@
-"""Stage 4 (measured): choose groups from the dependency matrix M, and measure what a fusion changed.
+"""Stage 4 (measured): choose groups from what the analysis measured on calibration inputs.
 
-Rule (`plan_from_metrics`): inside each chain, fuse runs of blocks in which every pair i < j has
-M[i][j] <= threshold (block j barely depends on block i, so both may read the same input). By default the last
-block of every chain stays unfused (keep_last: the paper found fusing it hurts). Groups are built greedily left
-to right, each extended while the next block keeps every pair under the threshold, has the same hidden size,
-element type and RMSNorm eps, and the group stays within max_group blocks. Because a sub-run of an admissible run
-is admissible too, this greedy partition uses the fewest groups (so the fewest sequential FFN stages) that the
-threshold allows; it does not balance group sizes.
+Budget rule (the default of `passes.fuse --plan auto`, `plan_by_budget`): every run of 2..max_group blocks
+inside a chain gets a predicted cost (passes.pipeline.predict: the first-order output change of fusing it alone,
+next-token KL for language models); a plan of disjoint groups is predicted to cost the sum. Chosen: the plan
+that removes the most sequential FFN stages with predicted cost <= max_cost (ties: the cheaper), or, with a
+target depth, the cheapest plan that reaches it. Exact under that additive model: a dynamic programme over each
+chain's partitions (fewest stages for each cost), merged across chains.
 
-`auto_plan` = calibration inputs -> passes.pipeline.analysis (M measured only between blocks of one chain, and only for
-the blocks that could be fused) -> plan_from_metrics. `measure_change` runs the original and fused models on the
-same inputs and reports output errors and, for language models, the KL divergence and top-1 agreement of the
-next-token distributions.
+M rule (`--threshold`, `plan_from_metrics`; the paper's metric, kept for comparison): inside each chain, fuse
+runs of blocks in which every pair i < j has M[i][j] <= threshold. The last block of every chain stays unfused
+(keep_last: the paper found fusing it hurts). Groups are built greedily left to right, each extended while the
+next block keeps every pair under the threshold, has the same hidden size, element type and RMSNorm eps, and
+the group stays within max_group blocks: the fewest groups the threshold allows.
+
+`auto_plan` = calibration inputs -> passes.pipeline.analysis (M, and predicted costs for the budget rule, only
+between blocks of one chain) -> one of the rules. The fuse CLI then measures the real change of the plan.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from passes.pipeline.analysis import Metrics, compute_metrics
 from passes.pipeline.chains import Chain
 from passes.pipeline.match import FFNBlock
 from passes.pipeline.plan import Group
+from passes.pipeline.predict import DEFAULT_MAX_GROUP, CandidateCost
 from passes.pipeline.structure import ModelStructure
 from passes.support.calibration import Calibration
 from passes.support.errors import fail
@@ -37,6 +41,11 @@ from passes.support.onnx_io import LoadedModel
 # as FACTS.md's two late SmolLM2 blocks run in parallel (KL 0.05, top-1 0.89) or less. Measure, never assume:
 # the fuse CLI reports the KL and top-1 agreement of what it fused.
 DEFAULT_THRESHOLD = 0.05
+# Default budget of the budget rule: predicted next-token KL (nats) of the whole plan, what running two late
+# SmolLM2 blocks in parallel costs. On SmolLM2 the predictions (calibration text) of pairs and triples were 0.9x-1.9x
+# the KL measured on held-out text; the default plan on the ranked-8 drop, 16-17 + 25-26, was predicted 0.046 and
+# measured 0.035 held out (bench/results/smollm2_prediction.json).
+DEFAULT_MAX_COST = 0.05
 
 
 @dataclass
@@ -116,6 +125,52 @@ def plan_from_metrics(chains: Sequence[Chain], metrics: Metrics, threshold: floa
     return groups, candidates
 
 
+def plan_by_budget(chains: Sequence[Chain], candidates: Sequence[CandidateCost], n_blocks: int,
+                   max_cost: float | None = None, target_depth: int | None = None) -> tuple[list[Group], float, str | None]:
+    """(groups, predicted cost, why empty): the plan with the fewest sequential FFN stages whose summed predicted
+    cost is <= max_cost, or the cheapest plan with at most target_depth stages (see the module docstring)."""
+    if (max_cost is None) == (target_depth is None):
+        raise ValueError("give exactly one of max_cost and target_depth")
+    price = {(c.first, c.last): c.predicted_cost for c in candidates if c.predicted_cost is not None}
+    total: dict[int, tuple[float, list[Group]]] = {0: (0.0, [])}     # stages saved -> cheapest (cost, groups)
+    for chain in chains:
+        o = list(chain.ordinals)
+        best: list[dict[int, tuple[float, list[Group]]]] = [{0: (0.0, [])}]
+        for i in range(1, len(o) + 1):
+            here = dict(best[i - 1])                                  # block o[i-1] stays alone
+            for j in range(i - 1):                                    # or ends group o[j]..o[i-1]
+                cost = price.get((o[j], o[i - 1]))
+                if cost is None:
+                    continue
+                for saved, (c, groups) in best[j].items():
+                    key, value = saved + i - 1 - j, (c + cost, groups + [Group(o[j], o[i - 1])])
+                    if key not in here or value[0] < here[key][0]:
+                        here[key] = value
+            best.append(here)
+        merged: dict[int, tuple[float, list[Group]]] = {}
+        for s1, (c1, g1) in total.items():
+            for s2, (c2, g2) in best[-1].items():
+                if s1 + s2 not in merged or c1 + c2 < merged[s1 + s2][0]:
+                    merged[s1 + s2] = (c1 + c2, g1 + g2)
+        total = merged
+    if target_depth is not None:
+        need = n_blocks - target_depth
+        able = [saved for saved in total if saved >= need]
+        if not able:
+            return [], 0.0, (f"no plan reaches FFN depth {target_depth}: at most {max(total)} of {n_blocks} stages can be "
+                             f"removed inside the chains with groups of the allowed size")
+        saved = min(able, key=lambda k: (total[k][0], k))
+    else:
+        able = [saved for saved, (c, _) in total.items() if c <= max_cost]
+        saved = max(able, key=lambda k: (k, -total[k][0]))
+        if saved == 0:
+            cheapest = min((c for c in candidates if c.predicted_cost is not None), key=lambda c: c.predicted_cost, default=None)
+            return [], 0.0, ("no candidate group is predicted under the budget " + f"{max_cost:g}"
+                             + (f"; cheapest: {cheapest.first}-{cheapest.last} ({cheapest.predicted_cost:.3g})" if cheapest else ""))
+    cost, groups = total[saved]
+    return sorted(groups, key=lambda g: g.first), cost, None
+
+
 # ---------------------------------------------------------------- wiring for passes.fuse
 
 def fusable_ordinals(chains: Sequence[Chain], keep_last: bool = True) -> list[int]:
@@ -130,11 +185,35 @@ def fusable_ordinals(chains: Sequence[Chain], keep_last: bool = True) -> list[in
     return out
 
 
-def auto_plan(model: LoadedModel, structure: ModelStructure, calib: Calibration, threshold: float = DEFAULT_THRESHOLD,
-              max_group: int | None = None, keep_last: bool = True, progress: bool = True) -> tuple[list[Group], dict]:
-    """Measure M between blocks of each chain on `calib` and plan groups with plan_from_metrics. Returns the
-    groups and a JSON-ready record (inputs, metrics, dependency, candidates, cost, and `closest`: the pairs of
-    neighbouring blocks with the smallest M, the ones an empty plan was nearest to taking)."""
+def auto_plan(model: LoadedModel, structure: ModelStructure, calib: Calibration, *, max_cost: float | None = None,
+              target_depth: int | None = None, threshold: float | None = None, max_group: int | None = None,
+              progress: bool = True) -> tuple[list[Group], dict]:
+    """Measure the chains on `calib` and plan: by predicted cost under max_cost (default DEFAULT_MAX_COST) or to
+    target_depth, or with `threshold` by the M rule. Returns the groups and a JSON-ready record (inputs, rule,
+    metrics, dependency, candidates with predicted cost and max M, cost of the analysis)."""
+    if threshold is not None:
+        return _threshold_plan(model, structure, calib, threshold, max_group, progress)
+    if max_cost is None and target_depth is None:
+        max_cost = DEFAULT_MAX_COST
+    longest = max_group or DEFAULT_MAX_GROUP
+    record: dict = {"plan": "auto", "rule": "fewest sequential FFN stages with predicted cost <= max_cost"
+                    if target_depth is None else "cheapest predicted plan with FFN depth <= target_depth",
+                    "max_cost": max_cost, "target_depth": target_depth, "max_group": longest}
+    ordinals = fusable_ordinals(structure.chains, keep_last=False)
+    if not ordinals:
+        record.update(groups=[], reason="no chain of 2 or more FFN blocks; nothing to measure")
+        return [], record
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress, blocks=structure.blocks,
+                              chains=structure.chains, predict=longest)
+    groups, cost, reason = plan_by_budget(structure.chains, metrics.candidates, len(structure.blocks), max_cost, target_depth)
+    record.update(inputs=calib.record(), groups=[[g.first, g.last] for g in groups], predicted_cost=cost,
+                  unit=metrics.change_unit, **({"reason": reason} if reason else {}), **metrics.record())
+    return groups, record
+
+
+def _threshold_plan(model, structure, calib, threshold, max_group, progress) -> tuple[list[Group], dict]:
+    """The M rule (plan_from_metrics), with `closest`: the neighbouring pairs with the smallest M."""
+    keep_last = True
     record: dict = {"plan": "auto", "threshold": threshold, "max_group": max_group, "keep_last": keep_last,
                     "rule": "greedy left-to-right maximal groups inside chains with every pair M[i][j] <= threshold"}
     ordinals = fusable_ordinals(structure.chains, keep_last)

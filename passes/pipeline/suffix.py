@@ -94,6 +94,7 @@ class _Cut:
     outputs: list[str]
     removed: "Removable | None" = None
     constant_targets: list[str] = field(default_factory=list)   # targets not downstream of the cut (h unchanged)
+    replacement: str | None = None    # graph input (float32) that replaces the removed contribution, else zeros
 
 
 def _cut(net: GraphIndex, targets: Sequence[str], removed: "Removable | None", label: str) -> _Cut:
@@ -156,10 +157,13 @@ def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Ma
             x_port, y_port = b.residual_ports
             scope = f"__analysis/{cut.label.replace(' ', '_')}"
             zero, shape = f"{scope}/zeros", f"{scope}/shape"
-            x = node.input[x_port]
-            nodes.append(helper.make_node("Shape", [x], [shape], name=f"{scope}/Shape"))
-            nodes.append(helper.make_node("ConstantOfShape", [shape], [zero], name=f"{scope}/ConstantOfShape",
-                                          value=helper.make_tensor("value", b.data_type, [1], [0])))
+            if cut.replacement is not None:
+                nodes.append(helper.make_node("Cast", [cut.replacement], [zero], name=f"{scope}/Cast", to=b.data_type))
+            else:
+                x = node.input[x_port]
+                nodes.append(helper.make_node("Shape", [x], [shape], name=f"{scope}/Shape"))
+                nodes.append(helper.make_node("ConstantOfShape", [shape], [zero], name=f"{scope}/ConstantOfShape",
+                                              value=helper.make_tensor("value", b.data_type, [1], [0])))
             rewired = onnx.NodeProto()
             rewired.CopyFrom(node)
             rewired.input[y_port] = zero
@@ -174,6 +178,8 @@ def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Ma
             outputs.append(helper.ValueInfoProto(name=_float_name(name)))
     inputs = [net.inputs[n] for n in cut.graph_inputs]
     inputs += [helper.make_tensor_value_info(n, input_types[n], None) for n in cut.boundary]
+    if cut.replacement is not None:
+        inputs.append(helper.make_tensor_value_info(cut.replacement, TensorProto.FLOAT, None))
     dense = [net.initializers[n] for n in cut.inits if n in net.initializers]
     sparse = [net.sparse_initializers[n] for n in cut.inits if n in net.sparse_initializers]
     graph = helper.make_graph(nodes, f"{proto.graph.name or 'graph'}_{cut.label.replace(' ', '_')}", inputs, outputs,
@@ -219,8 +225,9 @@ class Removable(Protocol):
 class SuffixRuns:
     """One base run of the graph, then for each removal a run of only the part of the graph downstream of it.
 
-    `removals` are (site, targets, label): the site's contribution is replaced by zeros (x' = x exactly, whatever
-    the residual node is) and the targets are computed from there; everything the suffix reads from before the
+    `removals` are (site, targets, label) or (site, targets, label, True): the site's contribution is replaced by
+    zeros (x' = x exactly, whatever the residual node is), or with True by values given to `removal` (float32,
+    cast to the contribution's type), and the targets are computed from there; everything the suffix reads from before the
     cut is fed from the base run. All cuts are planned up front, so the base run exposes every boundary tensor
     once. `float_names`: bfloat16 tensors among the targets, returned cast to float32 (numpy has no bfloat16).
     Use as a context manager (it owns a progress bar); `cost()` charges the runs in forward-pass equivalents."""
@@ -234,7 +241,10 @@ class SuffixRuns:
         self.net = GraphIndex.build(model.proto.graph)
         self.flops = weight_flops(self.net)
         self.total_flops = sum(self.flops) or 0.0
-        self.cuts = [_cut(self.net, list(targets), site, label) for site, targets, label in removals]
+        self.cuts = [_cut(self.net, list(targets), site, label) for site, targets, label, *_ in removals]
+        for cut, removal in zip(self.cuts, removals):
+            if len(removal) > 3 and removal[3]:
+                cut.replacement = f"__analysis/{cut.label.replace(' ', '_')}/contribution"
         needed = list(dict.fromkeys([*base_targets, *(t for c in self.cuts for t in c.boundary)]))
         self.base_targets = list(base_targets)
         self.base_cut = _cut(self.net, [t for t in needed if t not in self.net.inputs], None, "base")
@@ -280,17 +290,26 @@ class SuffixRuns:
                             for name in self.base_targets}
         return self.base_values
 
-    def removal(self, k: int) -> dict[str, np.ndarray]:
-        """Targets of removal k; a target the removed contribution cannot reach is its base value (then it must be
-        a base target)."""
+    def removal(self, k: int, replacement: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Targets of removal k (with its replacing contribution, when it has one); a target the removed
+        contribution cannot reach is its base value (then it must be a base target)."""
         cut = self.cuts[k]
         feeds = {name: self.boundary[name] for name in cut.boundary}
         feeds.update({name: self.feeds[name] for name in cut.graph_inputs})
+        if cut.replacement is not None:
+            if replacement is None:
+                raise ValueError(f"{cut.label}: this run replaces the contribution; give the replacement")
+            feeds[cut.replacement] = np.ascontiguousarray(replacement, dtype=np.float32)
         types = {name: ort_type_to_onnx(self.boundary[name].data_type()) for name in cut.boundary}
         result = self._execute(cut, feeds, types)
         values = {name: _numpy(result, name) for name in cut.outputs}
         values.update({name: self.base_values[name] for name in cut.constant_targets})
         return values
+
+    def charge(self, label: str, flops_per_token: float, seconds: float) -> None:
+        """Record work done outside onnxruntime (weight-MatMul FLOPs per calibration token) in the cost."""
+        self.run_log.append({"run": label, "nodes": 0, "seconds": round(seconds, 4),
+                             "forward_pass_fraction": round(flops_per_token / self.total_flops, 6) if self.total_flops else None})
 
     def cost(self) -> Cost:
         fractions = [r["forward_pass_fraction"] or 0.0 for r in self.run_log]
