@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from models.config import DecoderConfig
 from models.decoder import PuzzleDecoder
 from models.loaders import hf_tensor_names
 from passes.support.errors import UserError
+from passes.support.outputs import staged_folder
 
 SHARD_BYTES = 5 * 10**9
 
@@ -111,16 +110,13 @@ def save_checkpoint(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=N
     empty `folder`, made in a temporary folder beside it and renamed into place."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"output {folder} exists and is not an empty folder; give a new folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     raw = hf_config(model.config, layout)
     nas = raw["model_type"] == "nemotron-nas"
     config = _padded_config(model.config) if nas else model.config
     names = hf_tensor_names(config)
     state = {names[k]: v.contiguous().cpu() for k, v in _padded_state(model, nas).items()}
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as stage:
         (stage / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         shards, current, size = [], {}, 0
         for name in sorted(state):
@@ -144,11 +140,6 @@ def save_checkpoint(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=N
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(stage, folder)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return folder
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from models.decoder import PuzzleDecoder
 from passes.support.builder import NodeBuilder
 from passes.support.errors import UserError
 from passes.support.onnx_io import ModelOutput, NewTensor, save_model
+from passes.support.outputs import staged_folder
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
 OPSET = 21
@@ -239,25 +239,11 @@ def export_genai(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=None
                  provider: str = "cuda") -> Path:
     """Write model.onnx (+ data), genai_config.json and the tokenizer files into `folder` (which must be new or
     empty): everything is made and verified in a temporary folder beside it, then renamed into place."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"output {folder} exists and is not an empty folder; --runtime genai writes a new folder")
-    if not folder.parent.is_dir():
-        raise UserError(f"output folder {folder.parent} does not exist")
     proto, weights, facts = build_graph(model, context_length)
     extra = {"genai_config.json": (json.dumps(genai_config(facts, tokenizer, context_length, provider), indent=4) + "\n").encode()}
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(Path(folder)) as stage, tempfile.TemporaryDirectory() as files:
         if tokenizer is not None:
-            tokenizer.save_pretrained(stage / "tokenizer")
-            for path in sorted((stage / "tokenizer").iterdir()):
-                extra[path.name] = path
-        model_dir = stage / "model"
-        model_dir.mkdir()
-        save_model(ModelOutput(proto, model_dir, dict(weights)), model_dir / MODEL, external=True, extra_files=extra)
-        if folder.exists():
-            folder.rmdir()
-        os.replace(model_dir, folder)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return folder
+            tokenizer.save_pretrained(files)
+            extra.update({path.name: path for path in sorted(Path(files).iterdir())})
+        save_model(ModelOutput(proto, stage, dict(weights)), stage / MODEL, external=True, extra_files=extra)
+    return Path(folder)

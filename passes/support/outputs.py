@@ -121,3 +121,24 @@ def _plain(value):
     if value is None or isinstance(value, str):
         return value
     return str(value)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path, what: str = "output"):
+    """A temporary folder beside `folder` (which must be new or empty) for the caller to fill; renamed into place
+    when the block ends without an error, removed otherwise."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        fail(f"{what} {folder} exists and is not an empty folder; give a new folder")
+    if not folder.parent.is_dir():
+        fail(f"{what} folder {folder.parent} does not exist")
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield stage
+        with signals_held():
+            if folder.exists():
+                folder.rmdir()
+            os.replace(stage, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
