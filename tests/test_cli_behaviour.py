@@ -34,8 +34,11 @@ def mid_model(tmp_path_factory):
 
 
 def start(*args: str) -> subprocess.Popen:
+    """The CLI as a user starts it from a terminal: SIGINT at its default even when the tests run in a background
+    job (which inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt)."""
     return subprocess.Popen([sys.executable, "-u", "-m", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupt_after(proc: subprocess.Popen, marker: str, sig: int, delay: float) -> tuple[int, str, str, float]:
