@@ -78,9 +78,9 @@ def hbm_floor_ms(facts: dict, batch: int, context: float, itemsize: int, bandwid
     return (facts["weight_bytes"] + kv) / bandwidth * 1e3
 
 
-def measure(folders: list[Path], batch: int, args, graphs: bool) -> dict:
+def measure(folders: list[Path], batch: int, args, graphs: bool, vocab: int) -> dict:
     rng = np.random.default_rng(batch)
-    high = min(args.vocab_limit, args.vocab_size)
+    high = min(args.vocab_limit, vocab)
     prompt = rng.integers(min(100, high // 2), high, size=(batch, args.prompt), dtype=np.int64)
     models = [load(f, args.provider, graphs) for f in folders]
     for model in models:                                    # warm-up (and CUDA-graph capture)
@@ -138,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folders = [args.a, args.b]
     facts = [folder_facts(f) for f in folders]
-    args.vocab_size = min(f["vocab_size"] for f in facts)
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, records = [], []
     for batch in batches:
         graphs = args.provider == "cuda" and not args.no_cuda_graph and batch == 1
-        r = measure(folders, batch, args, graphs)
+        r = measure(folders, batch, args, graphs, min(f["vocab_size"] for f in facts))
         context = args.prompt + args.new / 2
         r["floor_ms"] = [hbm_floor_ms(f, batch, context, itemsize, bandwidth) for f in facts]
         r["share_of_floor"] = [fl / ms for fl, ms in zip(r["floor_ms"], r["ms_per_token"])]

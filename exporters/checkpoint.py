@@ -111,12 +111,12 @@ def save_checkpoint(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=N
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    raw = hf_config(model.config, layout)
-    nas = raw["model_type"] == "nemotron-nas"
-    config = _padded_config(model.config) if nas else model.config
-    names = hf_tensor_names(config)
-    state = {names[k]: v.contiguous().cpu() for k, v in _padded_state(model, nas).items()}
     with staged_folder(folder) as stage:
+        raw = hf_config(model.config, layout)
+        nas = raw["model_type"] == "nemotron-nas"
+        config = _padded_config(model.config) if nas else model.config
+        names = hf_tensor_names(config)
+        state = {names[k]: v.contiguous().cpu() for k, v in _padded_state(model, nas).items()}
         (stage / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         shards, current, size = [], {}, 0
         for name in sorted(state):

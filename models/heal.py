@@ -98,16 +98,23 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+EVAL_ROWS = 4     # held-out rows per forward pass
+
+
 @torch.no_grad()
-def perplexity(model, eval_ids: torch.Tensor, device, autocast) -> float:
-    nll, predictions = 0.0, 0
-    for row in eval_ids.split(4):
-        row = row.to(device)
+def reference_logprobs(teacher, eval_ids: torch.Tensor, device, autocast) -> list[torch.Tensor]:
+    """The teacher's next-token log-probabilities on the held-out rows (float32, on the CPU), computed once."""
+    out = []
+    for row in eval_ids.split(EVAL_ROWS):
         with autocast():
-            logp = F.log_softmax(model(row).float(), -1)
-        nll -= logp[:, :-1].gather(-1, row[:, 1:, None]).sum().item()
-        predictions += row[:, 1:].numel()
-    return math.exp(nll / predictions)
+            out.append(F.log_softmax(teacher(row.to(device)).float(), -1).cpu())
+    return out
+
+
+def perplexity(logprobs: list[torch.Tensor], eval_ids: torch.Tensor) -> float:
+    """exp of the mean negative log-likelihood of each next held-out token."""
+    nll = sum(-lp[:, :-1].gather(-1, row[:, 1:, None]).sum().item() for lp, row in zip(logprobs, eval_ids.split(EVAL_ROWS)))
+    return math.exp(nll / eval_ids[:, 1:].numel())
 
 
 def group_outputs(model, layers: list[int], store: dict) -> list:
@@ -146,12 +153,12 @@ def heal(args) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and args.bf16 else \
         (lambda: torch.autocast("cpu", enabled=False))
     torch.manual_seed(args.seed)
-    teacher = load_model(args.teacher).to(device).eval()
+    teacher = load_model(args.teacher).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     dropped = expand(parse_ranges(args.drop, "--drop", "5-7,17-18")) if args.drop else []
     groups = parse_ranges(args.fuse, "--fuse", "4-6,16-17") if args.fuse else []
-    student = drop_and_fuse(teacher.cpu(), dropped, groups).to(device).float().train()
+    student = drop_and_fuse(teacher, dropped, groups).to(device).float().train()
     teacher.to(device)
     tokenizer = load_tokenizer(args.teacher)
     vocab = teacher.config.vocab_size
@@ -177,7 +184,8 @@ def heal(args) -> dict:
               "eval": {"text": args.eval_text, "tokens": int(eval_ids.numel())},
               "settings": {k: getattr(args, k) for k in ("lr", "warmup", "batch", "seq", "hidden_weight", "seed", "bf16")},
               "curve": []}
-    record["teacher_perplexity"] = perplexity(teacher, eval_ids, device, autocast)
+    reference = reference_logprobs(teacher, eval_ids, device, autocast)
+    record["teacher_perplexity"] = perplexity(reference, eval_ids)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     state_dir = Path(f"{args.output}.state")
     step, position, trained_s = 0, 0, 0.0
@@ -195,7 +203,7 @@ def heal(args) -> dict:
     total_steps = args.steps or 10**9
     budget = args.minutes * 60 if args.minutes else float("inf")
     if not record["curve"]:
-        evaluation = evaluate_pair(student, teacher, eval_ids, device, autocast)
+        evaluation = evaluate_pair(student, reference, eval_ids, device, autocast)
         record["curve"].append({"step": 0, "tokens": 0, "seconds": 0.0, **evaluation})
     from tqdm import tqdm
     bar = tqdm(total=args.steps or None, desc="healing", unit="step", disable=None)
@@ -228,7 +236,7 @@ def heal(args) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{record['curve'][-1]['perplexity']:.2f}")
         if step % args.eval_every == 0:
-            evaluation = evaluate_pair(student, teacher, eval_ids, device, autocast)
+            evaluation = evaluate_pair(student, reference, eval_ids, device, autocast)
             record["curve"].append({"step": step, "tokens": step * args.batch * args.seq, "seconds": round(trained_s, 1),
                                     "loss": loss.item(), **evaluation})
         if args.save_every and time.perf_counter() - last_save > args.save_every * 60:
@@ -238,7 +246,7 @@ def heal(args) -> dict:
     for hook in hooks:
         hook.remove()
     if record["curve"][-1]["step"] != step:
-        evaluation = evaluate_pair(student, teacher, eval_ids, device, autocast)
+        evaluation = evaluate_pair(student, reference, eval_ids, device, autocast)
         record["curve"].append({"step": step, "tokens": step * args.batch * args.seq, "seconds": round(trained_s, 1),
                                 "loss": loss.item(), **evaluation})
     save_state(state_dir, student, optimizer, step, position, trained_s, order, record["curve"])
@@ -254,24 +262,20 @@ def heal(args) -> dict:
     return record
 
 
-def evaluate_pair(student, teacher, eval_ids, device, autocast) -> dict:
-    """Held-out perplexity of the student; KL(teacher || student) and top-1 agreement on the same tokens."""
+@torch.no_grad()
+def evaluate_pair(student, reference: list[torch.Tensor], eval_ids, device, autocast) -> dict:
+    """Held-out perplexity of the student; KL(teacher || student) and top-1 agreement against the teacher's
+    log-probabilities `reference` (reference_logprobs) on the same tokens."""
     student.eval()
-    nll = kl = agree = 0.0
-    tokens = predictions = 0
-    with torch.no_grad():
-        for row in eval_ids.split(4):
-            row = row.to(device)
-            with autocast():
-                logp = F.log_softmax(student(row).float(), -1)
-                ref = F.log_softmax(teacher(row).float(), -1)
-            nll -= logp[:, :-1].gather(-1, row[:, 1:, None]).sum().item()
-            predictions += row[:, 1:].numel()
-            kl += (ref.exp() * (ref - logp)).sum().item()
-            agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
-            tokens += row.numel()
+    logprobs, kl, agree = [], 0.0, 0
+    for row, ref in zip(eval_ids.split(EVAL_ROWS), reference):
+        with autocast():
+            logp = F.log_softmax(student(row.to(device)).float(), -1).cpu()
+        logprobs.append(logp)
+        kl += (ref.exp() * (ref - logp)).sum().item()
+        agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
     student.train()
-    return {"perplexity": math.exp(nll / predictions), "kl": kl / tokens, "top1": agree / tokens}
+    return {"perplexity": perplexity(logprobs, eval_ids), "kl": kl / eval_ids.numel(), "top1": agree / eval_ids.numel()}
 
 
 def save_state(folder: Path, student, optimizer, step, position, trained_s, order, curve) -> None:

@@ -31,6 +31,7 @@ from passes.pipeline.predict import (
     CandidateCost,
     FFNProbe,
     candidate_spans,
+    finite_or_none,
     group_ends,
     output_change,
     pair_contributions,
@@ -81,22 +82,16 @@ class Metrics:
     def record(self) -> dict:
         """`metrics`, `dependency` and `cost` entries of the analyze report."""
         return {
-            "metrics": {str(o): {"cosdist_io": _num(c), "ratio": _num(r)}
+            "metrics": {str(o): {"cosdist_io": finite_or_none(c), "ratio": finite_or_none(r)}
                         for o, c, r in zip(self.ordinals, self.cosdist_io, self.ratio)},
             "dependency": {"ordinals": list(self.ordinals), "scope": self.scope,
-                           "matrix": [[_num(v) for v in row] for row in self.dependency]},
+                           "matrix": [[finite_or_none(v) for v in row] for row in self.dependency]},
             "tokens": self.tokens,
             "cost": self.cost.record(),
             **({"candidates": {"unit": self.change_unit, "definition": PREDICTION_DEFINITION,
-                               "groups": [{**c.record(), "max_m": _num(self.max_m(c.first, c.last))}
+                               "groups": [{**c.record(), "max_m": finite_or_none(self.max_m(c.first, c.last))}
                                           for c in self.candidates]}} if self.candidates else {}),
         }
-
-
-def _num(value):
-    if value is None or not np.isfinite(value):
-        return None
-    return float(value)
 
 
 # ---------------------------------------------------------------- distances
@@ -200,8 +195,8 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
             pairs = pair_contributions(sorted(ends), blocks, xs, probe)
             change = {}
             for k, z in enumerate(sorted(ends), start=len(removed)):
-                change[z] = output_change(base[output], runs.removal(k, pairs.pop(z))[output], output == "logits")
-            candidates = predict_costs(spans, blocks, xs, hs, change, probe, probe_tokens)
+                change[z] = output_change(base[output], runs.removal(k, pairs[z])[output], output == "logits")
+            candidates = predict_costs(spans, blocks, xs, hs, change, pairs, probe, probe_tokens)
             runs.charge("FFN probes", probe.flops / tokens, time.perf_counter() - start)
         cost = runs.cost()
     return Metrics(list(ordinals), cosdist, ratio, matrix, cost, tokens, scope, candidates,

@@ -165,7 +165,7 @@ def plan_by_budget(chains: Sequence[Chain], candidates: Sequence[CandidateCost],
         saved = max(able, key=lambda k: (k, -total[k][0]))
         if saved == 0:
             cheapest = min((c for c in candidates if c.predicted_cost is not None), key=lambda c: c.predicted_cost, default=None)
-            return [], 0.0, ("no candidate group is predicted under the budget " + f"{max_cost:g}"
+            return [], 0.0, (f"no candidate group is predicted under the budget {max_cost:g}"
                              + (f"; cheapest: {cheapest.first}-{cheapest.last} ({cheapest.predicted_cost:.3g})" if cheapest else ""))
     cost, groups = total[saved]
     return sorted(groups, key=lambda g: g.first), cost, None

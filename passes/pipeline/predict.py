@@ -49,11 +49,12 @@ class CandidateCost:
     sensitivity: float | None         # s_z
 
     def record(self) -> dict:
-        return {"span": [self.first, self.last], "predicted_cost": _finite(self.predicted_cost),
-                "relative_error": _finite(self.relative_error), "sensitivity": _finite(self.sensitivity)}
+        return {"span": [self.first, self.last], "predicted_cost": finite_or_none(self.predicted_cost),
+                "relative_error": finite_or_none(self.relative_error), "sensitivity": finite_or_none(self.sensitivity)}
 
 
-def _finite(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
+    """A plain float for reports; None for a missing or non-finite value."""
     return float(value) if value is not None and np.isfinite(value) else None
 
 
@@ -89,7 +90,8 @@ def group_ends(spans: Sequence[tuple[int, int]]) -> list[int]:
 
 
 class FFNProbe:
-    """F_t(x) = FFN_t(n(x) g_t) of a block in numpy float32, from the model's weights (read once per block)."""
+    """F_t(x) = FFN_t(n(x) g_t) of a block in numpy float32, from the model's weights (read at each call: call it
+    once per block with every input stacked)."""
 
     def __init__(self, model: LoadedModel):
         self.weights = _Weights(initializer_map(model.proto), model.base_dir)
@@ -119,10 +121,10 @@ def pair_contributions(ends: Sequence[int], blocks: Sequence[FFNBlock], xs: Mapp
 
 
 def predict_costs(spans: Sequence[tuple[int, int]], blocks: Sequence[FFNBlock], xs: Mapping[int, np.ndarray],
-                  hs: Mapping[int, np.ndarray], pair_change: Mapping[int, float], probe: FFNProbe,
-                  probe_tokens: int = PROBE_TOKENS) -> list[CandidateCost]:
-    """predicted_cost of every span from the captured x_t, h_t (arrays [..., d]) and the measured change of each
-    end's pair (see the module docstring)."""
+                  hs: Mapping[int, np.ndarray], pair_change: Mapping[int, float], pairs: Mapping[int, np.ndarray],
+                  probe: FFNProbe, probe_tokens: int = PROBE_TOKENS) -> list[CandidateCost]:
+    """predicted_cost of every span from the captured x_t, h_t (arrays [..., d]), each end's pair contribution
+    F_z(x_{z-1}) (pair_contributions) and the measured change of that pair (see the module docstring)."""
     if not spans:
         return []
     tokens = int(np.asarray(xs[spans[0][0]]).size // blocks[spans[0][0]].hidden_size)
@@ -132,14 +134,13 @@ def predict_costs(spans: Sequence[tuple[int, int]], blocks: Sequence[FFNBlock], 
         flat = np.asarray(values[o]).reshape(-1, blocks[o].hidden_size)
         return (flat if rows is None else flat[rows]).astype(np.float64)
 
-    # F_t(x_a) - h_t for every (a, t) a span needs, each evaluated once
+    # F_t(x_a) - h_t for every (a, t) a span needs, each evaluated once (pairs a = t - 1 are already known)
+    error: dict[tuple[int, int], np.ndarray] = {(z - 1, z): take(pairs, z) - take(hs, z) for z in pairs}
     needed: dict[int, list[int]] = {}
     for a, z in spans:
         for t in range(a + 1, z + 1):
-            needed.setdefault(t, [])
-            if a not in needed[t]:
+            if (a, t) not in error and a not in needed.setdefault(t, []):
                 needed[t].append(a)
-    error: dict[tuple[int, int], np.ndarray] = {}
     for t, sources in needed.items():
         h_t = take(hs, t)
         outputs = probe(blocks[t], np.concatenate([take(xs, a) for a in sources])).astype(np.float64)
