@@ -2,7 +2,7 @@
 same inputs (Comparator.run); polygraphy's SimpleCompareFunc checks every output elementwise (an element fails
 when abs error > atol AND rel error > rtol, relative to the original); per output the error statistics and where
 the largest error is; for a language model the next-token KL, top-1 agreement and perplexity
-(passes.pipeline.change); and the verdict. Inputs come from passes.support.calibration (a file, or random inputs
+(passes.measure.change); and the verdict. Inputs come from passes.support.calibration (a file, or random inputs
 made the one way every tool makes them).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.pipeline.change import next_token_metrics
+from passes.measure.change import next_token_metrics
 from passes.support.calibration import Calibration, calibration_for, random_inputs, vocab_sizes
 from passes.support.errors import fail
 from passes.support.onnx_io import load_model

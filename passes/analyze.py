@@ -2,11 +2,11 @@
 
 Measures, on calibration inputs through onnxruntime, how much each FFN block changes the residual stream and how
 much each block depends on each earlier one (the dependency matrix M of arXiv 2503.18908; definitions in
-passes/pipeline/analysis.py). Small M[i][j]: block j barely notices block i, so they can run in parallel.
+passes/measure/metrics.py). Small M[i][j]: block j barely notices block i, so they can run in parallel.
 
 It also predicts what fusing each candidate group would cost (every run of 2 to --max-group selected blocks
 inside a chain): the first-order change of the model's output, next-token KL for language models
-(passes/pipeline/predict.py). M stays as the paper's reference; the prediction is what `passes.fuse --plan auto`
+(passes/measure/predict.py). M stays as the paper's reference; the prediction is what `passes.fuse --plan auto`
 plans with.
 
 Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, selected (ordinals analyzed),
@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from passes.pipeline.analysis import SCOPES, compute_metrics, parse_block_spec
-from passes.pipeline.predict import DEFAULT_MAX_GROUP
-from passes.pipeline.structure import model_structure
+from passes.ffn.plan import DEFAULT_MAX_GROUP
+from passes.ffn.structure import model_structure
+from passes.measure.metrics import SCOPES, compute_metrics, parse_block_spec
+from passes.measure.plots import blocks_plot_path
 from passes.support.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
 from passes.support.errors import fail, run_cli
 from passes.support.onnx_io import load_model
 from passes.support.outputs import Staging, check_output
-from passes.support.plots import blocks_plot_path
 from passes.support.ranges import spans
 from passes.support.report import table
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_for(model, args.inputs, batch=args.batch, seq=args.seq, seed=args.seed)
     print(f"analyze: {args.model}: {len(structure.blocks)} FFN blocks, measuring {len(ordinals)} on "
           f"{calib.record()['tokens']} tokens ...", flush=True)
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, blocks=structure.blocks, chains=structure.chains,
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, structure=structure,
                               predict=args.max_group if args.max_group > 1 else None)
     record = structure.record()
     report = {
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     with Staging() as staging:
         staging.json(out, report)
         if plot is not None:
-            from passes.support.plots import plot_blocks, plot_dependency
+            from passes.measure.plots import plot_blocks, plot_dependency
             plot_dependency(metrics, structure.chains, staging.path(plot), title=f"FFN dependency matrix M: {Path(args.model).name}")
             plot_blocks(metrics, structure.chains, staging.path(blocks_plot_path(plot)),
                         title=f"Per-block metrics: {Path(args.model).name}")

@@ -3,7 +3,7 @@ python -m passes.drop_attention MODEL.onnx --rank [--inputs F] [--report R.json]
 
 The Puzzle step that creates FFN runs in a model with attention in every layer: remove the attention sublayers of
 the given layers (x' = x + attn(n(x)) becomes x' = x). Sublayers are found on the residual stream
-(passes.pipeline.stream), removed by passes.pipeline.drop; --rank measures what removing each one alone costs (passes.pipeline.ranking).
+(passes.attention.stream), removed by passes.attention.drop; --rank measures what removing each one alone costs (passes.measure.ranking).
 Layers are numbered in residual-stream order (cross-checked against `layers.N` in names). For an
 onnxruntime-genai folder (genai_config.json beside the model), the remaining KV caches are renumbered and, when
 -o is in another folder, the config and tokenizer files are written beside the output so it runs as it is.
@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from passes.pipeline.drop import drop_sublayers, write_dropped
-from passes.pipeline.ranking import rank_sublayers
-from passes.pipeline.stream import Sublayer, find_stream
+from passes.attention.drop import drop_sublayers, write_dropped
+from passes.attention.stream import Sublayer, find_stream
+from passes.measure.ranking import rank_sublayers
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
 from passes.support.onnx_io import check_not_input, load_model
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  cost: {cost.forward_pass_equivalents:.3g} forward-pass equivalents in {cost.runs} runs, "
                   f"{cost.seconds:.1f} s ({calib.record()['tokens']} tokens)")
             if args.plot:
-                from passes.support.plots import plot_ranking
+                from passes.measure.plots import plot_ranking
                 plot_ranking(sorted(ranking, key=lambda r: r["layer"]), staging.path(Path(args.plot)),
                              f"attention removal, one layer at a time: {model_path.name}")
         if chosen:

@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from passes.pipeline.change import change_summary, measure_change
-from passes.pipeline.fusion import fuse_model, write_fused
-from passes.pipeline.plan import paper_rule, parse_groups
-from passes.pipeline.plan_auto import DEFAULT_MAX_COST, DEFAULT_THRESHOLD, auto_plan
-from passes.pipeline.structure import ModelStructure, model_structure
+from passes.ffn.plan import DEFAULT_MAX_COST, DEFAULT_THRESHOLD, parse_groups
+from passes.ffn.structure import ModelStructure, model_structure
+from passes.measure.change import change_summary, measure_change
+from passes.pipeline import Plan, choose_groups, fuse_model, write_fused
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
 from passes.support.onnx_io import check_not_input, load_model
@@ -148,18 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuse: {model_path}: {len(structure.blocks)} FFN blocks, chains "
           f"{' '.join('[' + spans(c.ordinals) + ']' for c in structure.chains if len(c) > 1) or 'none longer than 1'}",
           flush=True)
-    calib = calibration_for(model, args.inputs) if args.plan == "auto" or args.inputs is not None else None
-    auto = None
-    if args.plan == "auto":
-        groups, auto = auto_plan(model, structure, calib, max_cost=args.max_kl, target_depth=args.target_depth,
-                                 threshold=args.threshold, max_group=args.max_group)
-        plan = (f"auto (M <= {args.threshold:g})" if args.threshold is not None else
-                f"auto (FFN depth <= {args.target_depth})" if args.target_depth is not None else
-                f"auto (predicted {auto.get('unit') or 'change'} <= {auto['max_cost']:g})")
-    elif groups is None:
-        groups, plan = paper_rule(structure.chains, args.max_group), "paper rule"
-    else:
-        plan = "--groups"
+    plan = Plan("groups", tuple(groups)) if groups is not None else \
+        Plan(args.plan or "paper", max_group=args.max_group, max_kl=args.max_kl, target_depth=args.target_depth,
+             threshold=args.threshold)
+    calib = calibration_for(model, args.inputs) if plan.rule == "auto" or args.inputs is not None else None
+    chosen = choose_groups(model, structure, plan, calib)
+    groups, plan, auto = chosen.groups, chosen.plan, chosen.auto
     report = {"tool": "passes.fuse", "input": str(model_path), "output": str(out), "plan": plan,
               "command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])],
               **({"auto_plan": auto} if auto is not None else {})}

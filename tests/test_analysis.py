@@ -1,4 +1,4 @@
-"""passes.pipeline.analysis / passes.support.calibration / passes.analyze against an independent torch computation.
+"""passes.measure.metrics / passes.support.calibration / passes.analyze against an independent torch computation.
 
 The reference runs the torch ResidualStack layer by layer, recording each FFN's input x_t and contribution h_t,
 and re-runs it with FFN i adding nothing for every removal; distances use 1 - a.b / (|a||b|) directly.
@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from passes.pipeline.analysis import compute_metrics, parse_block_spec
+from passes.measure.metrics import compute_metrics, parse_block_spec
 from passes.support.calibration import (
     calibration_for,
     check_inputs,
@@ -334,7 +334,7 @@ def test_skip_simplified_layernorm_graph(lm, tmp_path):
     )
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from passes.pipeline.match import match_ffn_blocks
+    from passes.ffn.match import match_ffn_blocks
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(lm["path"])))
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input]}
     rename = {}
@@ -363,7 +363,7 @@ def test_skip_simplified_layernorm_graph(lm, tmp_path):
 
 
 def test_passes_do_not_import_torch():
-    code = ("import sys, passes.analyze, passes.pipeline.analysis, passes.support.calibration, passes.pipeline.plan_auto, passes.support.plots; "
+    code = ("import sys, passes.analyze, passes.measure.metrics, passes.support.calibration, passes.pipeline, passes.measure.plots; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == 0
 

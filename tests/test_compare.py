@@ -17,7 +17,7 @@ import torch
 
 from bench import compare as bc
 from bench import comparison
-from passes.pipeline.fusion import fuse_file
+from passes.pipeline import fuse_file
 from passes.support.calibration import random_inputs, vocab_sizes
 from passes.support.errors import UserError
 from tests.residual_models import ResidualStack, TinyLM, export, export_lm

@@ -17,8 +17,8 @@ import torch
 
 from exporters.export import export_onnx
 from models.presets import build_preset
+from passes.attention.stream import find_stream
 from passes.drop_attention import main as drop_main
-from passes.pipeline.stream import find_stream
 from passes.support.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_other_layers_untouched(tiny, tmp_path):
 
 
 def test_dropping_creates_an_ffn_chain_that_fuses(tiny, tmp_path):
-    from passes.pipeline.fusion import fuse_file
+    from passes.pipeline import fuse_file
     _, _, path = tiny
     out = tmp_path / "dropped.onnx"
     assert drop_main([str(path), "-o", str(out), "--layers", "1"]) == 0

@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper
 
 from bench import engine as be
-from passes.pipeline.fusion import fuse_file
+from passes.pipeline import fuse_file
 from passes.support.errors import UserError
 from tests.residual_models import ResidualStack, export
 

@@ -17,9 +17,9 @@ import pytest
 
 from exporters.foreign import FORMS
 from models.reference import reference_logits
+from passes.attention.stream import find_stream
 from passes.drop_attention import main as drop_main
 from passes.fuse import main as fuse_main
-from passes.pipeline.stream import find_stream
 from passes.support.calibration import calibration_for
 from passes.support.onnx_io import load_model, ort_session
 from tests.foreign_models import LAYERS, VOCAB

@@ -18,10 +18,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from passes.ffn.match import match_ffn_blocks
+from passes.ffn.plan import Group
 from passes.fuse import main as fuse_main
-from passes.pipeline.fusion import fuse_file
-from passes.pipeline.match import match_ffn_blocks
-from passes.pipeline.plan import Group
+from passes.pipeline import fuse_file
 from tests.helpers import rel_err
 from tests.residual_models import REPO, cached_export, ort_run, parallel_reference, run_fuse_cli
 
@@ -423,7 +423,7 @@ def test_passes_never_import_torch(tmp_path):
     _, path = cached_export(LAYOUT, widths=WIDTHS, seed=3)
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import passes.fuse, passes.pipeline.match, passes.pipeline.chains, passes.pipeline.plan, passes.pipeline.rewrite, passes.support.onnx_io\n"
+        "import passes.fuse, passes.ffn.match, passes.ffn.chains, passes.ffn.plan, passes.ffn.rewrite, passes.support.onnx_io\n"
         f"assert passes.fuse.main([{str(path)!r}, '-o', {str(tmp_path / 'f.onnx')!r}]) == 0\n"
         "assert 'torch' in sys.modules and sys.modules['torch'] is None\n"
     )

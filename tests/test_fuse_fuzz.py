@@ -22,8 +22,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from passes.ffn.match import match_ffn_blocks
 from passes.fuse import main as fuse_main
-from passes.pipeline.match import match_ffn_blocks
 from passes.support.errors import UserError
 from tests.helpers import rel_err
 from tests.residual_models import cached_export, ort_run, run_fuse_cli

@@ -18,8 +18,8 @@ from models.heal import main as heal_main
 from models.loaders import load_model
 from models.presets import build_preset
 from passes.drop_attention import main as drop_main
+from passes.ffn.match import match_ffn_blocks
 from passes.fuse import main as fuse_main
-from passes.pipeline.match import match_ffn_blocks
 from passes.support.errors import UserError
 from tests.helpers import random_ids, rel_err, session
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.pipeline.chains import find_chains
-from passes.pipeline.fusion import fuse_file
-from passes.pipeline.match import match_ffn_blocks
-from passes.pipeline.plan import Group
+from passes.ffn.chains import find_chains
+from passes.ffn.match import match_ffn_blocks
+from passes.ffn.plan import Group
+from passes.pipeline import fuse_file
 from passes.support.graph import GraphIndex
 from tests.helpers import rel_err
 from tests.residual_models import cached_export, ort_run, parallel_reference

@@ -1,4 +1,4 @@
-"""passes.pipeline.plan_auto: planning from the dependency matrix, auto_plan end to end, and measure_change."""
+"""passes.pipeline: planning from the dependency matrix, auto_plan end to end, and measure_change."""
 from __future__ import annotations
 
 import itertools
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from passes.pipeline.analysis import Cost, Metrics
-from passes.pipeline.chains import Chain
-from passes.pipeline.change import measure_change, next_token_agreement
-from passes.pipeline.fusion import fuse_file
-from passes.pipeline.plan import Group, paper_rule
-from passes.pipeline.plan_auto import auto_plan, plan_from_metrics
-from passes.pipeline.structure import model_structure
+from passes.ffn.chains import Chain
+from passes.ffn.plan import Group, paper_rule, plan_from_metrics
+from passes.ffn.structure import model_structure
+from passes.measure.change import measure_change, next_token_agreement
+from passes.measure.metrics import Metrics
+from passes.measure.runs import Cost
+from passes.pipeline import auto_plan, fuse_file
 from passes.support.calibration import calibration_for
 from passes.support.errors import UserError
 from passes.support.input_files import save_inputs_npz

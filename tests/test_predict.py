@@ -1,4 +1,4 @@
-"""passes.pipeline.predict and the budget planner: predicted costs against fusions actually made and measured,
+"""passes.measure.predict and the budget planner: predicted costs against fusions actually made and measured,
 the error energy against torch, the planner against brute force, and the fuse CLI's budget options."""
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ from exporters.export import export_onnx
 from models.fused import drop_and_fuse
 from models.presets import build_preset
 from passes.drop_attention import main as drop_main
-from passes.pipeline.analysis import compute_metrics
-from passes.pipeline.chains import Chain
-from passes.pipeline.change import measure_change
-from passes.pipeline.fusion import fuse_model
-from passes.pipeline.plan import Group
-from passes.pipeline.plan_auto import plan_by_budget
-from passes.pipeline.predict import CandidateCost
-from passes.pipeline.structure import model_structure
+from passes.ffn.chains import Chain
+from passes.ffn.plan import CandidateCost, Group, plan_by_budget
+from passes.ffn.structure import model_structure
+from passes.measure.change import measure_change
+from passes.measure.metrics import compute_metrics
+from passes.pipeline import fuse_model
 from passes.support.calibration import calibration_for
 from passes.support.onnx_io import load_model, save_model
 from tests.test_foreign_forms import quiet
@@ -44,8 +42,7 @@ def dropped(tmp_path_factory):
     np.savez(folder / "calib.npz", input_ids=ids)
     calib = calibration_for(model, str(folder / "calib.npz"), warn=False)
     chain_blocks = [o for c in structure.chains if len(c) > 1 for o in c.ordinals]
-    metrics = compute_metrics(model, calib.feeds, chain_blocks, scope="chains", blocks=structure.blocks,
-                              chains=structure.chains, predict=3, progress=False)
+    metrics = compute_metrics(model, calib.feeds, chain_blocks, scope="chains", structure=structure, predict=3, progress=False)
     return {"folder": folder, "torch": torch_model, "model": model, "structure": structure, "calib": calib,
             "metrics": metrics, "ids": ids}
 

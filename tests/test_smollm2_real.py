@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from exporters.export import export_onnx
 from models import load_model, load_tokenizer, smollm2_gguf_path
+from passes.attention.stream import find_stream
 from passes.drop_attention import main as drop_main
 from passes.fuse import main as fuse_main
-from passes.pipeline.stream import find_stream
 from tests.helpers import rel_err
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """What the SmolLM2 studies share: the text and its token sets, running ONNX models on them, the numbers that
-compare a variant with the original (passes.pipeline.change), and the plans of the study (equal-depth cuts,
+compare a variant with the original (passes.measure.change), and the plans of the study (equal-depth cuts,
 pairs), over plain records."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from passes.pipeline.change import next_token_metrics
+from passes.measure.change import next_token_metrics
 from passes.support.errors import fail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,15 +143,16 @@ def export_check(study: Study, evaluation: np.ndarray, fp32: Path, fp16: Path) -
 
 
 def chains_of(path: Path):
-    from passes.pipeline.structure import model_structure
+    from passes.ffn.structure import model_structure
     from passes.support.onnx_io import load_model
     structure = model_structure(load_model(path).proto)
     return structure.blocks, structure.chains
 
 
 def metrics_from_record(record: dict):
-    """passes.pipeline.analysis.Metrics rebuilt from a fuse report's auto_plan entry (M measured once, reused)."""
-    from passes.pipeline.analysis import Cost, Metrics
+    """passes.measure.metrics.Metrics rebuilt from a fuse report's auto_plan entry (M measured once, reused)."""
+    from passes.measure.metrics import Metrics
+    from passes.measure.runs import Cost
     dep = record["dependency"]
     ordinals = dep["ordinals"]
     return Metrics(ordinals=ordinals,
@@ -187,7 +188,7 @@ def even_split(ordinals: list[int], stages: int) -> list[tuple[int, int]]:
 def equal_depth_pairs(chains, metrics) -> list[dict]:
     """For every depth the auto plan reaches as the threshold grows: the smallest threshold reaching it, its
     groups, and the even split with the same number of stages in every chain (both keep each chain's last block)."""
-    from passes.pipeline.plan_auto import plan_from_metrics
+    from passes.ffn.plan import plan_from_metrics
     values = sorted({v for row in metrics.dependency for v in row if v is not None and v > 0})
     pairs, seen = [], set()
     for t in values:

@@ -25,9 +25,9 @@ from bench.results import write_result
 from exporters.foreign import export_forms
 from models.reference import reference_logits
 from models.smollm2 import smollm2_transformers
+from passes.attention.stream import find_stream
 from passes.drop_attention import main as drop_main
 from passes.fuse import main as fuse_main
-from passes.pipeline.stream import find_stream
 from passes.support.calibration import calibration_for
 from passes.support.onnx_io import load_model, ort_session
 from passes.support.report import table

@@ -6,7 +6,7 @@ on disjoint calibration text:
     python -m bench.smollm2.prediction [--out out/smollm2_prediction] [--results-dir bench/results]
 
 Signals: the paper's M (max M[i][j] over the group's pairs), ratio (sum of |h_t| / |x_t| over the group's blocks
-after the first), and predicted_cost (passes/pipeline/predict.py). Reported: Spearman rank correlation of each
+after the first), and predicted_cost (passes/measure/predict.py). Reported: Spearman rank correlation of each
 with the measured KL (pairs and triples together, and apart), the analysis cost in forward-pass equivalents
 against n/2 + 1, and what `passes.fuse --plan auto` with default settings fuses on the ranked-8 model and the KL
 that costs on the held-out text. JSON + scatter plot in --results-dir.
@@ -45,8 +45,8 @@ def prepare(out: Path, tokens: int, seq: int) -> tuple[Path, np.ndarray, Path]:
 
 def fused_kl(model, structure, group: tuple[int, int], reference: np.ndarray, evaluation: np.ndarray, path: Path) -> dict:
     """Fuse `group` alone, run the held-out text, compare with the unfused model's logits."""
-    from passes.pipeline.fusion import fuse_model
-    from passes.pipeline.plan import Group
+    from passes.ffn.plan import Group
+    from passes.pipeline import fuse_model
     from passes.support.onnx_io import save_model
     fusion = fuse_model(model, structure, [Group(*group)])
     save_model(fusion.output, path, external=False)
@@ -58,9 +58,9 @@ def study_config(name: str, original: Path, dropped_layers: list[int], evaluatio
     from tqdm import tqdm
 
     from passes.drop_attention import main as drop_main
-    from passes.pipeline.analysis import compute_metrics
-    from passes.pipeline.plan_auto import auto_plan
-    from passes.pipeline.structure import model_structure
+    from passes.ffn.structure import model_structure
+    from passes.measure.metrics import compute_metrics
+    from passes.pipeline import auto_plan
     from passes.support.calibration import calibration_for
     from passes.support.onnx_io import load_model
     from passes.support.ranges import spans
@@ -73,8 +73,7 @@ def study_config(name: str, original: Path, dropped_layers: list[int], evaluatio
     calib = calibration_for(model, str(calib_file))
     chain_blocks = [o for c in structure.chains if len(c) > 1 for o in c.ordinals]
     start = time.perf_counter()
-    metrics = compute_metrics(model, calib.feeds, chain_blocks, scope="chains", blocks=structure.blocks,
-                              chains=structure.chains, predict=3)
+    metrics = compute_metrics(model, calib.feeds, chain_blocks, scope="chains", structure=structure, predict=3)
     analysis_s = time.perf_counter() - start
     reference = ort_logits(dropped, evaluation, rows_per_run=2)
     ratio = dict(zip(metrics.ordinals, metrics.ratio))
@@ -97,7 +96,7 @@ def study_config(name: str, original: Path, dropped_layers: list[int], evaluatio
                   "seconds": round(analysis_s, 1), "blocks": len(structure.blocks), "tokens": metrics.tokens}}
     if name == "ranked8":       # what the default --plan auto does here, measured on the held-out text
         groups, auto = auto_plan(model, structure, calib)
-        from passes.pipeline.fusion import fuse_model
+        from passes.pipeline import fuse_model
         from passes.support.onnx_io import save_model
         fused = save_model(fuse_model(model, structure, groups).output, out / "auto.onnx", external=False)
         held_out = agreement(reference, ort_logits(fused, evaluation, rows_per_run=2), evaluation)
@@ -113,7 +112,7 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     labels = {"m": "paper's M (max over the group's pairs)", "ratio": "ratio: sum of |h_t|/|x_t| after the first block",
-              "predicted": "predicted KL (passes/pipeline/predict.py)"}
+              "predicted": "predicted KL (passes/measure/predict.py)"}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
     for ax, signal in zip(axes, SIGNALS):
         for (name, config), color in zip(result["configs"].items(), ("tab:blue", "tab:orange")):
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"configs": {name: study_config(name, original, layers, evaluation, calib, args.out)
                           for name, layers in CONFIGS.items()},
               "signals": {"m": "max M[i][j] over pairs of the group", "ratio": "sum over t = a+1..z of mean |h_t| / |x_t|",
-                          "predicted": "passes.pipeline.predict: change(remove z) * E|delta|^2 / E|h_z|^2"},
+                          "predicted": "passes.measure.predict: change(remove z) * E|delta|^2 / E|h_z|^2"},
               "tokens": {"evaluation": int(evaluation.size), "calibration": args.tokens}, "seconds": 0.0}
     result["seconds"] = round(time.perf_counter() - start, 1)
     from bench.results import write_result

@@ -22,7 +22,7 @@ CLI calls; the CLIs' own output goes to DIR/study.log):
      cuts are: chosen by M, or evenly. At the deepest fusion this fixed rule is the paper's rule.
   6. Every variant is run on the evaluation set (onnxruntime CPU): KL divergence of next-token distributions
      and top-1 agreement against the original model and against the attention-dropped model (the fusion's own
-     cost), perplexity on the text (passes.pipeline.change), sequential FFN depth (the fuse report),
+     cost), perplexity on the text (passes.measure.change), sequential FFN depth (the fuse report),
      attention layers left. One variant is also run through `python -m bench.compare` (polygraphy) as a
      cross-check.
   7. Dependency heatmaps (passes.analyze --plot) of the original model (all 30 FFN blocks) and of the model
@@ -76,10 +76,9 @@ def run_study(args) -> dict:
     from exporters.export import main as export_main
     from passes.analyze import main as analyze_main
     from passes.drop_attention import main as drop_main
+    from passes.ffn.plan import DEFAULT_THRESHOLD, Group, plan_from_metrics
     from passes.fuse import main as fuse_main
-    from passes.pipeline.fusion import fuse_file
-    from passes.pipeline.plan import Group
-    from passes.pipeline.plan_auto import DEFAULT_THRESHOLD, plan_from_metrics
+    from passes.pipeline import fuse_file
 
     out = Path(args.out).resolve()
     models = out / "models"

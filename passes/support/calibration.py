@@ -1,4 +1,4 @@
-"""Calibration inputs for passes.pipeline.analysis and the auto plan: load them from a file, validate them, or make them.
+"""Calibration inputs for passes.measure.metrics and the auto plan: load them from a file, validate them, or make them.
 
 Sources:
   FILE.npz   one array per graph input, by name (np.savez; see passes.support.input_files);

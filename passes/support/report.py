@@ -1,59 +1,12 @@
-"""Counts and tables the CLIs print and write: what was found, what was fused, before and after."""
+"""How the CLIs print and write numbers: aligned tables, report-safe floats, lists of differences."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
-import onnx
-from onnx import TensorProto
-
-from passes.pipeline.chains import Chain
-from passes.pipeline.match import FFNBlock, Rejection
 
 
-@dataclass
-class ModelCounts:
-    nodes: int
-    matmuls: int
-    ffn_blocks: int
-    sequential_ffn_depth: int     # FFN stages the residual stream passes through one after another
-    parameters: int
-
-
-def count(model: onnx.ModelProto, blocks: list[FFNBlock]) -> ModelCounts:
-    graph = model.graph
-    return ModelCounts(
-        nodes=len(graph.node),
-        matmuls=sum(n.op_type in ("MatMul", "Gemm") for n in graph.node),
-        ffn_blocks=len(blocks),
-        sequential_ffn_depth=len(blocks),
-        parameters=int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer)),
-    )
-
-
-def block_record(block: FFNBlock) -> dict:
-    return {
-        "ordinal": block.ordinal,
-        "hidden_size": block.hidden_size,
-        "width": block.width,
-        "dtype": TensorProto.DataType.Name(block.data_type),
-        "norm": block.norm.kind,
-        "eps": block.norm.eps,
-        "residual_in": block.residual_in,
-        "residual_out": block.residual_out,
-        "contribution": block.contribution,
-        "residual_node": block.residual_node_name,
-        "nodes": list(block.node_names),
-        "weights": {"gate": block.gate.name, "up": block.up.name, "down": block.down.name},
-    }
-
-
-def structure_record(blocks: list[FFNBlock], chains: list[Chain], rejections: list[Rejection]) -> dict:
-    return {
-        "ffn_blocks": [block_record(b) for b in blocks],
-        "chains": [list(c.ordinals) for c in chains],
-        "rejections": [asdict(r) for r in rejections],
-    }
+def finite_or_none(value: float | None) -> float | None:
+    """A plain float for reports; None for a missing or non-finite value."""
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def differences(parts: list[tuple[str, list[str]]]) -> str:

@@ -1,4 +1,4 @@
-"""Stage 3, analysis: how much each FFN block changes the residual stream, and how much block j depends on block i.
+"""Analysis (measured between chains and plan): how much each FFN block changes the residual stream, and how much block j depends on block i.
 
 On calibration inputs X (tokens = all batch x sequence positions; norms and cosines over the last axis), with
 x_t the residual input of block t, h_t = FFN_t(n(x_t) g_t) its contribution and x'_t = x_t + h_t:
@@ -9,7 +9,7 @@ where h_j^(-i) is block j's contribution when block i's contribution is removed 
 runs as usual. 1 - cos(a, b) is computed in float64 as |a/|a| - b/|b||^2 / 2 (no cancellation for small
 distances); two zero vectors have distance 0, one zero vector distance 1.
 
-How it is computed, frugally, through onnxruntime (passes.pipeline.suffix.SuffixRuns): one base run of the graph
+How it is computed, frugally, through onnxruntime (passes.measure.runs.SuffixRuns): one base run of the graph
 cut down to what the selected blocks need, with every x_t, h_t exposed; then one removal run per selected block i
 that has a later block j to measure, of only the part of the graph downstream of block i, up to the last
 contribution needed. The whole matrix costs about n/2 forward-pass equivalents for n blocks (the report's cost).
@@ -23,30 +23,26 @@ from typing import Mapping, Sequence
 import numpy as np
 from onnx import TensorProto
 
-from passes.pipeline.chains import Chain, find_chains
-from passes.pipeline.change import logits_output
-from passes.pipeline.match import FFNBlock, match_ffn_blocks
-from passes.pipeline.predict import (
+from passes.ffn.plan import CandidateCost
+from passes.ffn.structure import ModelStructure, model_structure
+from passes.measure.change import logits_output
+from passes.measure.predict import (
+    PREDICTION_DEFINITION,
     PROBE_TOKENS,
-    CandidateCost,
     FFNProbe,
     candidate_spans,
-    finite_or_none,
     group_ends,
     output_change,
     pair_contributions,
     predict_costs,
 )
-from passes.pipeline.suffix import Cost, SuffixRuns
+from passes.measure.runs import Cost, SuffixRuns
 from passes.support.errors import fail
-from passes.support.graph import GraphIndex
 from passes.support.onnx_io import LoadedModel, load_model
 from passes.support.ranges import expand, parse_ranges
+from passes.support.report import finite_or_none
 
 SCOPES = ("all", "chains")
-PREDICTION_DEFINITION = ("predicted_cost(a..z) = change(remove block z) * E|delta|^2 / E|h_z|^2, delta = sum_{t=a+1..z} "
-                         "F_t(x_a) - h_t: the first-order output change of fusing a..z alone (passes/pipeline/predict.py)")
-
 
 @dataclass
 class Metrics:
@@ -61,7 +57,7 @@ class Metrics:
     cost: Cost
     tokens: int = 0
     scope: str = "all"
-    candidates: list[CandidateCost] = field(default_factory=list)   # predicted costs (passes.pipeline.predict)
+    candidates: list[CandidateCost] = field(default_factory=list)   # predicted costs (passes.measure.predict)
     change_unit: str | None = None       # "kl" or "relative_squared_error": the unit of predicted_cost
 
     def max_m(self, first: int, last: int) -> float | None:
@@ -137,22 +133,19 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
 
 
 def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], ordinals: Sequence[int] | None = None, *,
-                    scope: str = "all", progress: bool = True, blocks: list[FFNBlock] | None = None,
-                    chains: list[Chain] | None = None, predict: int | None = None,
-                    probe_tokens: int = PROBE_TOKENS) -> Metrics:
+                    scope: str = "all", progress: bool = True, structure: ModelStructure | None = None,
+                    predict: int | None = None, probe_tokens: int = PROBE_TOKENS) -> Metrics:
     """cosdist_io, ratio and the dependency matrix M for `ordinals` (default: every FFN block) on `feeds`
-    (already validated, see passes.support.calibration). scope "chains" measures M only between blocks of one chain.
+    (already validated, see passes.support.calibration); `structure` is the model's (model_structure), found here when not given. scope "chains" measures M only between blocks of one chain.
     With `predict` = G, also the predicted cost of fusing every run of 2..G blocks of a chain among `ordinals`
-    (passes.pipeline.predict), from the same runs plus suffix runs to the output for the blocks that end a run."""
+    (passes.measure.predict), from the same runs plus suffix runs to the output for the blocks that end a run."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
     if not isinstance(model, LoadedModel):
         model = load_model(model)
     proto = model.proto
-    if blocks is None or chains is None:
-        index = GraphIndex.build(proto.graph)
-        blocks = match_ffn_blocks(proto, index).blocks if blocks is None else blocks
-        chains = find_chains(blocks, index) if chains is None else chains
+    structure = structure or model_structure(proto)
+    blocks, chains = structure.blocks, structure.chains
     if not blocks:
         fail("the model has no FFN blocks to analyze")
     ordinals = sorted(set(range(len(blocks)) if ordinals is None else ordinals))

@@ -1,4 +1,4 @@
-"""Stage 5, rewrite: replace each planned group of FFN blocks by one wide FFN.
+"""Rewrite (the FFN fusion's last step): replace each planned group of FFN blocks by one wide FFN.
 
 For a group a..z with residual input x (the group's first block input):
     x_out = x + (silu(h @ Wg* + bg*) * (h @ Wu* + bu*)) @ Wd* + sum_t bd_t,     h = n(x)
@@ -14,61 +14,19 @@ the blocks' own nodes are removed once nothing reads them; every other node is u
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.pipeline.match import FFNBlock
-from passes.pipeline.patterns import NORM_OPS, SKIP_NORM, WeightRef
-from passes.pipeline.plan import Group
+from passes.ffn.linear import Weights, write_linear
+from passes.ffn.match import FFNBlock
+from passes.ffn.plan import Group
 from passes.support.builder import NodeBuilder
-from passes.support.errors import fail
 from passes.support.graph import GraphIndex, default_opset, drop_unused, live_nodes
-from passes.support.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype, tensor_array
-
-
-@dataclass
-class _Weights:
-    """Reads effective weight values (transpose and cast applied) of one model, a row range at a time."""
-    tensors: dict[str, TensorProto]
-    base_dir: Path
-
-    def rows(self, ref: WeightRef, r0: int, r1: int) -> np.ndarray:
-        stored = tensor_array(self.tensors[ref.name], self.base_dir)
-        rows = stored[:, r0:r1].T if ref.transposed else stored[r0:r1]
-        if ref.columns is not None:
-            rows = rows[:, ref.columns[0]:ref.columns[1]]
-        return np.array(rows, dtype=np_dtype(ref.data_type))
-
-    def vector(self, ref: WeightRef | None, size: int, dtype: np.dtype) -> np.ndarray:
-        if ref is None:
-            return np.zeros(size, dtype)
-        value = tensor_array(self.tensors[ref.name], self.base_dir)
-        if ref.columns is not None:
-            value = value[ref.columns[0]:ref.columns[1]]
-        return np.array(value, dtype=np_dtype(ref.data_type)).astype(dtype)
-
-    def check(self, ref: WeightRef | None) -> None:
-        """Refuse (UserError) an inline initializer whose data does not fill its dims: the model is corrupt.
-        External data was checked against its file when the model was loaded."""
-        tensor = None if ref is None else self.tensors[ref.name]
-        if tensor is None or tensor.data_location == TensorProto.EXTERNAL:
-            return
-        try:
-            numpy_helper.to_array(tensor)
-        except Exception as exc:
-            fail(f"initializer '{ref.name}' is corrupt: its data does not fit dims {list(tensor.dims)} "
-                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-
-    def gain(self, block: FFNBlock, dtype: np.dtype) -> np.ndarray:
-        g = np.ones(block.hidden_size, dtype)
-        for ref in block.norm.gains:
-            g *= self.vector(ref, block.hidden_size, dtype)
-        return g
+from passes.support.norms import RMS_NORMS, SKIP_NORM
+from passes.support.onnx_io import CHUNK_BYTES, LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype
 
 
 def _accumulate_dtype(data_type: int) -> np.dtype:
@@ -79,7 +37,7 @@ def _rows_per_chunk(row_bytes: int) -> int:
     return max(1, CHUNK_BYTES // max(1, row_bytes))
 
 
-def _gate_up_tensor(name: str, members: list[FFNBlock], weights: _Weights, which: tuple[str, ...]) -> NewTensor:
+def _gate_up_tensor(name: str, members: list[FFNBlock], weights: Weights, which: tuple[str, ...]) -> NewTensor:
     """[diag(g_a) W_a | ... | diag(g_z) W_z] over the projections in `which` ("gate", "up"), in that order."""
     d = members[0].hidden_size
     dtype = np_dtype(members[0].data_type)
@@ -87,7 +45,7 @@ def _gate_up_tensor(name: str, members: list[FFNBlock], weights: _Weights, which
     total = sum(b.width for b in members) * len(which)
 
     def chunks() -> Iterator[np.ndarray]:
-        gains = [weights.gain(b, acc) for b in members]
+        gains = [weights.gain(b.norm.gains, b.hidden_size, acc) for b in members]
         step = _rows_per_chunk(total * dtype.itemsize)
         for r0 in range(0, d, step):
             r1 = min(d, r0 + step)
@@ -98,7 +56,7 @@ def _gate_up_tensor(name: str, members: list[FFNBlock], weights: _Weights, which
     return NewTensor(name, (d, total), members[0].data_type, chunks)
 
 
-def _down_tensor(name: str, members: list[FFNBlock], weights: _Weights) -> NewTensor:
+def _down_tensor(name: str, members: list[FFNBlock], weights: Weights) -> NewTensor:
     """[Wd_a ; ... ; Wd_z], stacked along the input axis."""
     d = members[0].hidden_size
     dtype = np_dtype(members[0].data_type)
@@ -112,7 +70,7 @@ def _down_tensor(name: str, members: list[FFNBlock], weights: _Weights) -> NewTe
     return NewTensor(name, (sum(b.width for b in members), d), members[0].data_type, chunks)
 
 
-def _bias_tensor(name: str, members: list[FFNBlock], weights: _Weights, which: tuple[str, ...]) -> NewTensor | None:
+def _bias_tensor(name: str, members: list[FFNBlock], weights: Weights, which: tuple[str, ...]) -> NewTensor | None:
     """Concatenated gate/up biases (zeros where a block has none); for "down", the sum of the down biases."""
     if not any(getattr(b, f"{proj}_bias") for b in members for proj in which):
         return None
@@ -127,7 +85,7 @@ def _bias_tensor(name: str, members: list[FFNBlock], weights: _Weights, which: t
     return NewTensor(name, value.shape, members[0].data_type, lambda: iter([value]))
 
 
-def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, opset: int,
+def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: Weights, opset: int,
                      merge_gate_up: bool, normalized: str | None = None
                      ) -> tuple[list[onnx.NodeProto], list[TensorProto], dict[str, NewTensor], str]:
     """Nodes, small initializers and new weight tensors of the fused FFN; returns its output (y) too. With
@@ -140,12 +98,7 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: _Weights, op
     new: dict[str, NewTensor] = {}
 
     def linear(input_, name, weight: NewTensor, bias: NewTensor | None):
-        new[weight.name] = weight
-        out = node("MatMul", [input_, weight.name], f"{name}/MatMul")
-        if bias is not None:
-            new[bias.name] = bias
-            out = node("Add", [out, bias.name], f"{name}/Add")
-        return out
+        return write_linear(build, input_, name, weight, bias, new)
 
     # h = n(x) with a unit gain (each block's gain is folded into its weights)
     if normalized is None:
@@ -183,7 +136,7 @@ def _reusable_norm(index: GraphIndex, block: FFNBlock) -> int | None:
     a skip norm keeps adding the previous residual). None for any other form (a decomposed norm: the fused FFN
     gets its own)."""
     found = index.producer_node(block.hidden)
-    if found is None or block.norm.kind not in NORM_OPS or len(block.norm.gains) != 1:
+    if found is None or block.norm.kind not in RMS_NORMS or len(block.norm.gains) != 1:
         return None
     k, node = found
     if node.op_type != block.norm.kind or node.output[0] != block.hidden:
@@ -218,7 +171,7 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     graph = proto.graph
-    weights = _Weights(initializer_map(model.proto), model.base_dir)
+    weights = Weights(initializer_map(model.proto), model.base_dir)
     opset = default_opset(proto)
     insert_before: dict[int, list[onnx.NodeProto]] = {}
     candidates: set[int] = set()

@@ -1,4 +1,4 @@
-"""Stage 1, match: find every pre-norm SwiGLU FFN block on the residual stream.
+"""Find: every pre-norm SwiGLU FFN block on the residual stream (the FFN fusion's first step).
 
 A block computes, for residual input x (last dim d):
     n(x) = x / sqrt(mean(x^2, -1) + eps),   h = n(x) * g
@@ -24,21 +24,10 @@ from dataclasses import dataclass, replace
 import onnx
 from onnx import TensorProto
 
-from passes.pipeline.patterns import (
-    SKIP_NORM,
-    NoMatch,
-    Norm,
-    WeightRef,
-    float_source,
-    is_unused_elsewhere,
-    linear_consuming,
-    linear_producing,
-    norm_producing,
-    only_consumer,
-    other_input,
-    packed_gate_up,
-)
+from passes.ffn.linear import linear_consuming, linear_producing, packed_gate_up
 from passes.support.graph import GraphIndex, attribute
+from passes.support.norms import SKIP_NORM, Norm, norm_producing
+from passes.support.patterns import NoMatch, WeightRef, float_source, is_unused_elsewhere, only_consumer, other_input
 
 
 @dataclass(frozen=True)

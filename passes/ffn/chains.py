@@ -1,4 +1,4 @@
-"""Stage 2, chains: maximal runs of FFN blocks with nothing else between them.
+"""Chains: maximal runs of FFN blocks with nothing else between them.
 
 Blocks t and t+1 are consecutive when x'_t is x_{t+1} and that tensor is read by nothing but block t+1
 (its normalization and its residual add; possibly through an identity Cast) and is not a graph output.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from passes.pipeline.match import FFNBlock
+from passes.ffn.match import FFNBlock
 from passes.support.graph import GraphIndex
 
 

@@ -4,8 +4,8 @@ Per sublayer s (x' = x + a) on calibration inputs, tokens = batch x sequence pos
     cosdist = mean_tokens 1 - cos(x, x')        ratio = mean_tokens |a| / |x|
     kl      = mean_tokens KL(p(X) || p_{-s}(X))  top1 = fraction of tokens whose argmax is unchanged
 where p is the model's next-token distribution and p_{-s} the model with a replaced by zeros (x' = x, exactly the
-removal passes.pipeline.drop makes). One base run exposes every x, a and the logits; each removal then runs only the part
-of the graph downstream of s (passes.pipeline.analysis.SuffixRuns), so ranking n sublayers costs 1 + sum of the suffix
+removal passes.attention.drop makes). One base run exposes every x, a and the logits; each removal then runs only the part
+of the graph downstream of s (passes.measure.runs.SuffixRuns), so ranking n sublayers costs 1 + sum of the suffix
 fractions forward-pass equivalents, about n/2 + 1 when the lm_head is small.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Mapping, Sequence
 import numpy as np
 from onnx import TensorProto
 
-from passes.pipeline.analysis import Cost, SuffixRuns, cosine_distance, norm_ratio
-from passes.pipeline.change import logits_output, next_token_agreement
-from passes.pipeline.stream import Sublayer
+from passes.attention.stream import Sublayer
+from passes.measure.change import logits_output, next_token_agreement
+from passes.measure.metrics import cosine_distance, norm_ratio
+from passes.measure.runs import Cost, SuffixRuns
 from passes.support.onnx_io import LoadedModel
 
 

@@ -188,7 +188,7 @@ def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Ma
     model.ir_version = proto.ir_version
     model.opset_import.extend(proto.opset_import)
     model.functions.extend(proto.functions)
-    model.producer_name = "passes.pipeline.analysis"
+    model.producer_name = "passes.measure.runs"
     model.graph.CopyFrom(graph)
     return model
 

@@ -1,4 +1,4 @@
-"""Stage 3b, prediction: what fusing a candidate group would do to the model's output, before fusing it.
+"""Prediction: what fusing a candidate group would do to the model's output, before fusing it.
 
 For a group a..z inside one chain, the fused model differs from the original only in the residual stream after
 block z (block a reads x_a either way; nothing else reads the chain's inner stream):
@@ -17,45 +17,30 @@ Measured on the real SmolLM2 (bench.smollm2.prediction): why the perturbation is
 of h_z: blocks late in the model have contributions so large that removing one is far outside the quadratic
 regime, and a sensitivity scaled from it under-predicted their pairs tenfold.
 
-What it costs: the base run (x_t, h_t and the output exposed) is shared with passes.pipeline.analysis; one suffix
+What it costs: the base run (x_t, h_t and the output exposed) is shared with passes.measure.metrics; one suffix
 run per group end; F_z(x_{z-1}) on every calibration token; the other F_t(x_a) on at most `probe_tokens` tokens,
 each (a, t) with t - a < max_group once, in numpy (float32) from the blocks' weights. The report's cost counts
 all of it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from passes.pipeline.chains import Chain
-from passes.pipeline.change import next_token_agreement
-from passes.pipeline.match import FFNBlock
-from passes.pipeline.rewrite import _Weights
+from passes.ffn.chains import Chain
+from passes.ffn.linear import Weights
+from passes.ffn.match import FFNBlock
+from passes.ffn.plan import CandidateCost
+from passes.measure.change import next_token_agreement
 from passes.support.onnx_io import LoadedModel, initializer_map
 
-DEFAULT_MAX_GROUP = 8        # longest candidate group predicted (passes.fuse --max-group overrides it)
 PROBE_TOKENS = 512           # tokens the FFN probes F_t(x_a) are evaluated on
-
-
-@dataclass
-class CandidateCost:
-    """A candidate group a..z (FFN ordinals inside one chain) and what fusing it alone is predicted to cost."""
-    first: int
-    last: int
-    predicted_cost: float | None      # s_z * E|delta|^2 (None: the pair z-1..z changes nothing, no scale)
-    relative_error: float             # E|delta|^2 / E|x'_z|^2: the group's error at its output, relative
-    sensitivity: float | None         # s_z
-
-    def record(self) -> dict:
-        return {"span": [self.first, self.last], "predicted_cost": finite_or_none(self.predicted_cost),
-                "relative_error": finite_or_none(self.relative_error), "sensitivity": finite_or_none(self.sensitivity)}
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """A plain float for reports; None for a missing or non-finite value."""
-    return float(value) if value is not None and np.isfinite(value) else None
+PREDICTION_DEFINITION = ("predicted_cost(a..z) = s_z * E|delta(a..z)|^2 with delta(a..z) = sum_{t=a+1..z} F_t(x_a) - h_t "
+                         "(F_t(x) = FFN_t(n(x) g_t), h_t = F_t(x_t), E the mean over tokens) and the sensitivity "
+                         "s_z = change(fuse z-1..z) / E|delta(z-1..z)|^2, change(fuse z-1..z) measured by a suffix run "
+                         "in which block z reads x_{z-1}: the first-order output change of fusing a..z alone "
+                         "(passes/measure/predict.py)")
 
 
 def output_change(base: np.ndarray, changed: np.ndarray, logits: bool) -> float:
@@ -94,14 +79,14 @@ class FFNProbe:
     once per block with every input stacked)."""
 
     def __init__(self, model: LoadedModel):
-        self.weights = _Weights(initializer_map(model.proto), model.base_dir)
+        self.weights = Weights(initializer_map(model.proto), model.base_dir)
         self.flops = 0.0       # weight-MatMul FLOPs spent, for the cost report
 
     def __call__(self, block: FFNBlock, x: np.ndarray) -> np.ndarray:
         w, d, m = self.weights, block.hidden_size, block.width
         x = x.astype(np.float32)
         n = x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(block.norm.eps))
-        h = n * w.gain(block, np.float32)
+        h = n * w.gain(block.norm.gains, d, np.float32)
         gate = h @ w.rows(block.gate, 0, d).astype(np.float32) + w.vector(block.gate_bias, m, np.float32)
         up = h @ w.rows(block.up, 0, d).astype(np.float32) + w.vector(block.up_bias, m, np.float32)
         act = gate / (1 + np.exp(-gate)) * up

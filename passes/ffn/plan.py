@@ -1,35 +1,133 @@
-"""Stage 4 (measured): choose groups from what the analysis measured on calibration inputs.
+"""Plan: which contiguous runs ("groups") of each chain to fuse, and the check that a group can be fused.
+
+A group [a, z] (written "a-z") is fused into one FFN: x + sum_{t=a..z} FFN_t(n(x) * g_t).
+Plans come from the user (`--groups`), from the paper's rule, or from what passes.measure measured; the rules
+here are policies over plain data (chains, blocks, measured numbers) and never run a model:
 
 Budget rule (the default of `passes.fuse --plan auto`, `plan_by_budget`): every run of 2..max_group blocks
-inside a chain gets a predicted cost (passes.pipeline.predict: the first-order output change of fusing it alone,
-next-token KL for language models); a plan of disjoint groups is predicted to cost the sum. Chosen: the plan
-that removes the most sequential FFN stages with predicted cost <= max_cost (ties: the cheaper), or, with a
-target depth, the cheapest plan that reaches it. Exact under that additive model: a dynamic programme over each
-chain's partitions (fewest stages for each cost), merged across chains.
+inside a chain gets a predicted cost (`CandidateCost`, from passes.measure.predict: the first-order output
+change of fusing it alone, next-token KL for language models); a plan of disjoint groups is predicted to cost the
+sum. Chosen: the plan that removes the most sequential FFN stages with predicted cost <= max_cost (ties: the
+cheaper), or, with a target depth, the cheapest plan that reaches it. Exact under that additive model: a dynamic
+programme over each chain's partitions (fewest stages for each cost), merged across chains.
 
 M rule (`--threshold`, `plan_from_metrics`; the paper's metric, kept for comparison): inside each chain, fuse
 runs of blocks in which every pair i < j has M[i][j] <= threshold. The last block of every chain stays unfused
 (keep_last: the paper found fusing it hurts). Groups are built greedily left to right, each extended while the
 next block keeps every pair under the threshold, has the same hidden size, element type and RMSNorm eps, and
 the group stays within max_group blocks: the fewest groups the threshold allows.
-
-`auto_plan` = calibration inputs -> passes.pipeline.analysis (M, and predicted costs for the budget rule, only
-between blocks of one chain) -> one of the rules. The fuse CLI then measures the real change of the plan.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
-from passes.pipeline.analysis import Metrics, compute_metrics
-from passes.pipeline.chains import Chain
-from passes.pipeline.match import FFNBlock
-from passes.pipeline.plan import Group
-from passes.pipeline.predict import DEFAULT_MAX_GROUP, CandidateCost
-from passes.pipeline.structure import ModelStructure
-from passes.support.calibration import Calibration
+from passes.ffn.chains import Chain
+from passes.ffn.match import FFNBlock
 from passes.support.errors import fail
-from passes.support.onnx_io import LoadedModel
+from passes.support.ranges import parse_ranges
+from passes.support.report import finite_or_none
+
+DEFAULT_MAX_GROUP = 8        # longest candidate group predicted (passes.fuse --max-group overrides it)
+
+
+@dataclass(frozen=True)
+class Group:
+    first: int
+    last: int
+
+    @property
+    def ordinals(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+def parse_groups(spec: str) -> list[Group]:
+    """'2-5,7-9' -> [Group(2, 5), Group(7, 9)]; malformed specs and single blocks are a UserError."""
+    groups = []
+    for first, last in parse_ranges(spec, "--groups", "2-5,7-9"):
+        if last == first:
+            fail(f"group '{first}' in --groups must span at least two blocks (FIRST-LAST with FIRST < LAST)")
+        groups.append(Group(first, last))
+    return groups
+
+
+def check_groups(groups: list[Group], chains: list[Chain], blocks: list[FFNBlock]) -> None:
+    """Groups must be in range, disjoint, inside one chain, and share eps, hidden size and element type."""
+    chain_of = {o: c for c in chains for o in c.ordinals}
+    taken: dict[int, Group] = {}
+    for group in groups:
+        if group.last >= len(blocks):
+            known = f"{len(blocks)} FFN blocks (ordinals 0-{len(blocks) - 1})" if blocks else "no FFN blocks"
+            fail(f"group {group} is out of range: the model has {known}")
+        for o in group.ordinals:
+            if o in taken:
+                fail(f"groups {taken[o]} and {group} overlap at block {o}")
+            taken[o] = group
+        if chain_of[group.first] is not chain_of[group.last]:
+            chain = chain_of[group.first]
+            fail(f"group {group} leaves its chain {chain.first}-{chain.last}: something other than an FFN "
+                 f"(attention, a graph output or another consumer) sits between blocks")
+        members = [blocks[o] for o in group.ordinals]
+        for attr, what in (("hidden_size", "hidden size"), ("data_type", "element type")):
+            if len({getattr(b, attr) for b in members}) > 1:
+                fail(f"group {group} mixes blocks of different {what}")
+        if len({b.norm.eps for b in members}) > 1:
+            fail(f"group {group} mixes RMSNorm eps values {sorted({b.norm.eps for b in members})}: fusion needs one shared norm")
+
+
+def split_evenly(ordinals: tuple[int, ...], max_group: int | None) -> list[Group]:
+    """Split a run into the fewest groups of at most max_group blocks, sizes differing by at most one."""
+    if len(ordinals) < 2:
+        return []
+    count = 1 if not max_group else math.ceil(len(ordinals) / max_group)
+    size, extra = divmod(len(ordinals), count)
+    groups, start = [], 0
+    for k in range(count):
+        n = size + (1 if k < extra else 0)
+        if n >= 2:
+            groups.append(Group(ordinals[start], ordinals[start + n - 1]))
+        start += n
+    return groups
+
+
+def paper_rule(chains: list[Chain], max_group: int | None = None) -> list[Group]:
+    """The paper's plan: in every chain of >= 3 blocks fuse all but the last block, in groups of <= max_group."""
+    groups = []
+    for chain in chains:
+        if len(chain) >= 3:
+            groups += split_evenly(chain.ordinals[:-1], max_group)
+    return groups
+
+
+# ---------------------------------------------------------------- measured plans
+
+class Dependencies(Protocol):
+    """What the M rule reads of a measurement (passes.measure.metrics.Metrics): the measured ordinals and M[i][j]."""
+    ordinals: list[int]
+
+    def m(self, i: int, j: int) -> float | None: ...
+
+
+@dataclass
+class CandidateCost:
+    """A candidate group a..z (FFN ordinals inside one chain) and what fusing it alone is predicted to cost."""
+    first: int
+    last: int
+    predicted_cost: float | None      # s_z * E|delta|^2 (None: the pair z-1..z changes nothing, no scale)
+    relative_error: float             # E|delta|^2 / E|x'_z|^2: the group's error at its output, relative
+    sensitivity: float | None         # s_z
+
+    def record(self) -> dict:
+        return {"span": [self.first, self.last], "predicted_cost": finite_or_none(self.predicted_cost),
+                "relative_error": finite_or_none(self.relative_error), "sensitivity": finite_or_none(self.sensitivity)}
+
 
 # Default for --threshold. Measured (fuse one group, compare next-token distributions on held-out inputs):
 #   SmolLM2-135M with attention removed from layers 25-29 (real weights, pydoc text, 1024 tokens): pairs with
@@ -63,7 +161,7 @@ class Candidate:
         return rec
 
 
-def plan_from_metrics(chains: Sequence[Chain], metrics: Metrics, threshold: float, max_group: int | None = None,
+def plan_from_metrics(chains: Sequence[Chain], metrics: Dependencies, threshold: float, max_group: int | None = None,
                       keep_last: bool = True, blocks: Sequence[FFNBlock] | None = None) -> tuple[list[Group], list[Candidate]]:
     """Groups inside chains whose pairwise M are all <= threshold (greedy, left to right, at most max_group
     blocks each, the last block of each chain excluded when keep_last), and every span considered:
@@ -171,8 +269,6 @@ def plan_by_budget(chains: Sequence[Chain], candidates: Sequence[CandidateCost],
     return sorted(groups, key=lambda g: g.first), cost, None
 
 
-# ---------------------------------------------------------------- wiring for passes.fuse
-
 def fusable_ordinals(chains: Sequence[Chain], keep_last: bool = True) -> list[int]:
     """Blocks that could be in a group: chains of >= 2 blocks (>= 3 with keep_last), without their last block."""
     out = []
@@ -183,50 +279,3 @@ def fusable_ordinals(chains: Sequence[Chain], keep_last: bool = True) -> list[in
         if len(ordinals) >= 2:
             out += ordinals
     return out
-
-
-def auto_plan(model: LoadedModel, structure: ModelStructure, calib: Calibration, *, max_cost: float | None = None,
-              target_depth: int | None = None, threshold: float | None = None, max_group: int | None = None,
-              progress: bool = True) -> tuple[list[Group], dict]:
-    """Measure the chains on `calib` and plan: by predicted cost under max_cost (default DEFAULT_MAX_COST) or to
-    target_depth, or with `threshold` by the M rule. Returns the groups and a JSON-ready record (inputs, rule,
-    metrics, dependency, candidates with predicted cost and max M, cost of the analysis)."""
-    if threshold is not None:
-        return _threshold_plan(model, structure, calib, threshold, max_group, progress)
-    if max_cost is None and target_depth is None:
-        max_cost = DEFAULT_MAX_COST
-    longest = max_group or DEFAULT_MAX_GROUP
-    record: dict = {"plan": "auto", "rule": "fewest sequential FFN stages with predicted cost <= max_cost"
-                    if target_depth is None else "cheapest predicted plan with FFN depth <= target_depth",
-                    "max_cost": max_cost, "target_depth": target_depth, "max_group": longest}
-    ordinals = fusable_ordinals(structure.chains, keep_last=False)
-    if not ordinals:
-        record.update(groups=[], reason="no chain of 2 or more FFN blocks; nothing to measure")
-        return [], record
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress, blocks=structure.blocks,
-                              chains=structure.chains, predict=longest)
-    groups, cost, reason = plan_by_budget(structure.chains, metrics.candidates, len(structure.blocks), max_cost, target_depth)
-    record.update(inputs=calib.record(), groups=[[g.first, g.last] for g in groups], predicted_cost=cost,
-                  unit=metrics.change_unit, **({"reason": reason} if reason else {}), **metrics.record())
-    return groups, record
-
-
-def _threshold_plan(model, structure, calib, threshold, max_group, progress) -> tuple[list[Group], dict]:
-    """The M rule (plan_from_metrics), with `closest`: the neighbouring pairs with the smallest M."""
-    keep_last = True
-    record: dict = {"plan": "auto", "threshold": threshold, "max_group": max_group, "keep_last": keep_last,
-                    "rule": "greedy left-to-right maximal groups inside chains with every pair M[i][j] <= threshold"}
-    ordinals = fusable_ordinals(structure.chains, keep_last)
-    if not ordinals:
-        record.update(groups=[], candidates=[], closest=[],
-                      reason=f"no chain of {3 if keep_last else 2} or more FFN blocks; nothing to measure")
-        return [], record
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress,
-                              blocks=structure.blocks, chains=structure.chains)
-    groups, candidates = plan_from_metrics(structure.chains, metrics, threshold, max_group, keep_last, structure.blocks)
-    measured = set(metrics.ordinals)
-    pairs = sorted((metrics.m(i, i + 1), i) for i in metrics.ordinals if i + 1 in measured and metrics.m(i, i + 1) is not None)
-    record.update(inputs=calib.record(), groups=[[g.first, g.last] for g in groups],
-                  candidates=[c.record() for c in candidates],
-                  closest=[{"span": [i, i + 1], "m": m} for m, i in pairs[:5]], **metrics.record())
-    return groups, record

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from passes.pipeline.analysis import Metrics
-from passes.pipeline.chains import Chain
+from passes.ffn.chains import Chain
+from passes.measure.metrics import Metrics
 
 
 def _pyplot():

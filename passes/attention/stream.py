@@ -1,12 +1,8 @@
 """The residual stream: every sublayer x' = x + f(n(x)) of an exported decoder, in stream order.
 
 A sublayer is a residual node R that adds a branch output a to a stream tensor x, where a is computed from x
-only through a normalization n of x. The normalizations recognized:
-  decomposed  Pow(x, 2) | Mul(x, x) -> ReduceMean (RMSNorm), or ReduceMean(x) -> Sub(x, .) (LayerNorm), on x or
-              on its float32 Cast;
-  fused       SimplifiedLayerNormalization, RMSNormalization, LayerNormalization reading x;
-  skip        SkipSimplifiedLayerNormalization / SkipLayerNormalization (com.microsoft): x is their output 3
-              (input + skip), their output 0 is n(x).
+only through a normalization n of x (the forms of passes.support.norms: decomposed RMSNorm / LayerNorm on x or its
+float32 Cast, the fused norm ops, and the skip norms, whose output 3 is x and output 0 is n(x)).
 R is an Add(x, a), or a skip normalization reading x and a as input and skip (then x' is its output 3). Adds
 whose operands are not both a stream tensor and something computed from its normalization are never residual
 adds: attention masks, biases and rotary terms are not normalized.
@@ -32,9 +28,8 @@ import onnx
 from onnx import TensorProto
 
 from passes.support.graph import GraphIndex, attribute
+from passes.support.norms import SKIP_NORMS, float_casts, normalized_tensors
 
-FUSED_NORMS = ("SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization")
-SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                  "PackedMultiHeadAttention", "SparseAttention", "PagedAttention", "DecoderMaskedMultiHeadAttention",
                  "DecoderMaskedSelfAttention", "LongformerAttention", "QAttention")
@@ -85,7 +80,7 @@ def find_stream(model: onnx.ModelProto, index: GraphIndex | None = None) -> Stre
     types = {info.name: info.type.tensor_type.elem_type
              for info in (*model.graph.value_info, *model.graph.output, *model.graph.input)}
     found = []
-    for x, seeds, norm_nodes in _normalized_tensors(index):
+    for x, seeds, norm_nodes in normalized_tensors(index):
         sub = _sublayer_from(index, types, x, seeds, norm_nodes)
         if sub is not None:
             found.append(sub)
@@ -98,54 +93,6 @@ def find_stream(model: onnx.ModelProto, index: GraphIndex | None = None) -> Stre
         sublayers.append(Sublayer(position=position, layer=layer, **s))
     mismatches = [(s.layer, s.named_layer) for s in sublayers if s.named_layer is not None and s.named_layer != s.layer]
     return Stream(sublayers, mismatches)
-
-
-# ---------------------------------------------------------------- normalizations
-
-def _float_casts(index: GraphIndex, x: str) -> list[str]:
-    return [index.node(c).output[0] for c in index.consumer_ids(x)
-            if index.node(c).op_type == "Cast" and attribute(index.node(c), "to") == TensorProto.FLOAT]
-
-
-def _decomposed_entry(index: GraphIndex, tensor: str) -> list[int]:
-    """Nodes starting a decomposed RMSNorm / LayerNorm of `tensor`: Pow(t, 2) / Mul(t, t) feeding ReduceMean,
-    or ReduceMean(t) feeding Sub(t, .)."""
-    entries = []
-    for c in index.consumer_ids(tensor):
-        node = index.node(c)
-        outs = [index.node(k) for k in index.consumer_ids(node.output[0])] if node.output else []
-        squares = (node.op_type == "Pow" and node.input[0] == tensor and _is_two(index, node.input[1])) or \
-                  (node.op_type == "Mul" and list(node.input) == [tensor, tensor])
-        if squares and any(o.op_type == "ReduceMean" for o in outs):
-            entries.append(c)
-        elif node.op_type == "ReduceMean" and node.input[0] == tensor and \
-                any(o.op_type == "Sub" and o.input[0] == tensor for o in outs):
-            entries.append(c)
-    return entries
-
-
-def _is_two(index: GraphIndex, tensor: str) -> bool:
-    value = index.small_constant(tensor, max_elements=1)
-    return value is not None and float(value.reshape(())) == 2.0
-
-
-def _normalized_tensors(index: GraphIndex):
-    """(x, seed tensors from which n(x) flows, nodes of the normalization that belong to the branch), each
-    normalization once (a float32 Cast of x is normalized as x)."""
-    for k, node in enumerate(index.graph.node):
-        if node.op_type in FUSED_NORMS and node.input:
-            yield node.input[0], [node.output[0]], [k]
-        elif node.op_type in SKIP_NORMS and len(node.output) > 3 and node.output[3]:
-            yield node.output[3], [node.output[0]], []
-    claimed: set[int] = set()
-    candidates = [i.name for i in index.graph.input] + [o for node in index.graph.node for o in node.output if o]
-    for x in dict.fromkeys(candidates):
-        for source in [x, *_float_casts(index, x)]:
-            entries = [e for e in _decomposed_entry(index, source) if e not in claimed]
-            if entries:
-                claimed.update(entries)
-                nodes = entries + ([index.producer[source]] if source != x else [])
-                yield x, [index.node(e).output[0] for e in entries], nodes
 
 
 # ---------------------------------------------------------------- the sublayer of one normalization
@@ -162,7 +109,7 @@ def _residual_slot(index: GraphIndex, node: onnx.NodeProto, aliases: set[str], a
 
 
 def _sublayer_from(index: GraphIndex, types: dict[str, int], x: str, seeds: list[str], norm_nodes: list[int]) -> dict | None:
-    aliases = {x, *_float_casts(index, x)}
+    aliases = {x, *float_casts(index, x)}
     visited: set[int] = set(norm_nodes)
     residual = None
     stack = list(seeds)

@@ -20,11 +20,12 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from passes.pipeline.stream import SKIP_NORMS, Sublayer
+from passes.attention.stream import Sublayer
 from passes.support.builder import NodeBuilder
 from passes.support.errors import fail
 from passes.support.genai import beside_output
 from passes.support.graph import attribute, default_opset, drop_unused, live_nodes
+from passes.support.norms import SKIP_NORMS
 from passes.support.onnx_io import LoadedModel, ModelOutput, save_model
 
 
