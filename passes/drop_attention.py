@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from passes.attention.drop import drop_sublayers, write_dropped
+from passes.attention.drop import drop_sublayers, stage_dropped
 from passes.attention.stream import Sublayer, find_stream
 from passes.measure.ranking import rank_sublayers
 from passes.support.calibration import calibration_for
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if chosen:
             out = Path(args.output)
             output, dropped = drop_sublayers(model, chosen)
-            _, extra, note = write_dropped(model, output, out, staging=staging)
+            _, extra, note = stage_dropped(model, output, out, staging)
             report.update(output=str(out), dropped_layers=[s.layer for s in chosen], dropped_inputs=dropped.inputs,
                           dropped_outputs=dropped.outputs, nodes_before=dropped.nodes_before, nodes_after=dropped.nodes_after)
         report["seconds"] = round(time.perf_counter() - start, 2)

@@ -17,7 +17,7 @@ from pathlib import Path
 from passes.ffn.plan import DEFAULT_MAX_COST, DEFAULT_THRESHOLD, parse_groups
 from passes.ffn.structure import ModelStructure, model_structure
 from passes.measure.change import change_summary, measure_change
-from passes.pipeline import Plan, choose_groups, fuse_model, write_fused
+from passes.pipeline import Plan, choose_groups, fuse_model, stage_fused
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
 from passes.support.onnx_io import check_not_input, load_model
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         fusion = fuse_model(model, structure, groups, max_group=args.max_group, merge_gate_up=args.merge_gate_up)
         report.update(fusion.report)
-        staged = write_fused(model, fusion, out, external={"auto": None, "always": True, "never": False}[args.external_data],
-                             staging=staging)
+        staged = stage_fused(model, fusion, out, staging,
+                             external={"auto": None, "always": True, "never": False}[args.external_data])
         if calib is not None:
             print(f"  measuring the change on {calib.record()['tokens']} tokens ...", flush=True)
             report["change"] = measure_change(model, load_model(staged), calib)

@@ -4,7 +4,7 @@
 but its last block, in groups of at most max_group), or "auto" (measured on calibration inputs by passes.measure:
 the fewest sequential FFN stages whose predicted next-token KL stays under max_kl, or the cheapest plan reaching
 target_depth, or with `threshold` the paper's M rule). `choose_groups` applies a plan to a loaded model,
-`fuse_model` rewrites the groups (passes.ffn.rewrite) with the record every report shares, `write_fused` writes
+`fuse_model` rewrites the groups (passes.ffn.rewrite) with the record every report shares, `stage_fused` stages
 the result verified, and `fuse_file` does all of it for a path. The fuse CLI and Python callers use these.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from passes.measure.metrics import compute_metrics
 from passes.support.calibration import Calibration, calibration_for
 from passes.support.errors import fail
 from passes.support.genai import beside_output
-from passes.support.onnx_io import LoadedModel, ModelOutput, load_model, save_model
+from passes.support.onnx_io import LoadedModel, ModelOutput, load_model, stage_model
 from passes.support.outputs import Staging
 
 RULES = ("groups", "paper", "auto")
@@ -114,13 +114,14 @@ def fuse_model(model: LoadedModel, structure: ModelStructure, groups: list[Group
     return Fusion(output, groups, report)
 
 
-def write_fused(model: LoadedModel, fusion: Fusion, out_path: Path, *, external: bool | None = None,
-                staging: Staging | None = None) -> Path:
-    """Write the fused model (verified; with an onnxruntime-genai folder's config and tokenizer files beside it
-    when the input came with them and the output goes to another folder). See onnx_io.save_model for staging."""
+def stage_fused(model: LoadedModel, fusion: Fusion, out_path: Path, staging: Staging, *,
+                external: bool | None = None) -> Path:
+    """Stage the fused model for out_path (verified; with an onnxruntime-genai folder's config and tokenizer files
+    beside it when the input came with them and the output goes to another folder); returns the staged model's
+    path (onnx_io.stage_model)."""
     genai_files, _ = beside_output(model, fusion.output.proto, Path(out_path), renumber=False)
-    return save_model(fusion.output, Path(out_path), external=external, protected={model.path} | model.external_files,
-                      reference=model.path, extra_files=genai_files, staging=staging)
+    return stage_model(fusion.output, Path(out_path), staging, external=external,
+                       protected={model.path} | model.external_files, reference=model.path, extra_files=genai_files)
 
 
 def fuse_file(model_path: str | Path, out_path: str | Path, *, plan: Plan | None = None, groups: list[Group] | None = None,
@@ -135,7 +136,9 @@ def fuse_file(model_path: str | Path, out_path: str | Path, *, plan: Plan | None
     calib = calibration_for(model, inputs) if plan.rule == "auto" else None
     chosen = choose_groups(model, structure, plan, calib)
     fusion = fuse_model(model, structure, chosen.groups, max_group=plan.max_group, merge_gate_up=merge_gate_up)
-    write_fused(model, fusion, Path(out_path), external=external)
+    with Staging() as staging:
+        stage_fused(model, fusion, Path(out_path), staging, external=external)
+        staging.publish()
     return fusion
 
 

@@ -96,6 +96,44 @@ def test_relative_error_is_the_fused_stream_error_in_torch(dropped):
     assert abs(c.relative_error - want) <= 1e-3 * want
 
 
+def test_report_definition_is_the_formula_the_code_computes(dropped):
+    """The report's definition text and the numbers: predicted_cost = s_z * E|delta(a..z)|^2 with
+    s_z = change(fuse z-1..z) / E|delta(z-1..z)|^2, checked with delta from the torch model (fused vs plain
+    residual stream after block z, models.fused) and the pair's change measured on the fused ONNX model."""
+    from passes.measure.predict import PREDICTION_DEFINITION
+    record = dropped["metrics"].record()["candidates"]
+    assert record["definition"] == PREDICTION_DEFINITION
+    for text in ("s_z * E|delta(a..z)|^2", "sum_{t=a+1..z} F_t(x_a) - h_t", "s_z = change(fuse z-1..z) / E|delta(z-1..z)|^2"):
+        assert text in PREDICTION_DEFINITION
+    model, metrics = dropped["torch"], dropped["metrics"]
+    where = [i for i, spec in enumerate(model.config.layers) if spec.ffn_width is not None]
+    c = max(metrics.candidates, key=lambda c: c.last - c.first)
+
+    def energy(group):
+        streams = {}
+        for name, m in (("plain", drop_and_fuse(model, DROPPED, [])), ("fused", drop_and_fuse(model, DROPPED, [group]))):
+            m.layers[where[group[1]]].register_forward_hook(lambda _m, _a, out, name=name: streams.__setitem__(name, out))
+            with torch.no_grad():
+                m(torch.from_numpy(dropped["ids"]))
+        return (streams["fused"] - streams["plain"]).double().pow(2).sum(-1).mean().item()
+
+    sensitivity = measured_kl(dropped, (c.last - 1, c.last)) / energy((c.last - 1, c.last))
+    want = sensitivity * energy((c.first, c.last))
+    assert abs(c.predicted_cost - want) <= 2e-3 * want, (c, want)
+
+
+def test_cost_counts_every_part_in_one_unit(dropped):
+    """The analysis cost is the sum of its parts (onnxruntime runs and the numpy FFN probes), each in
+    forward-pass equivalents and seconds; the probes' FLOPs are 6 d m per probed token of each block."""
+    cost = dropped["metrics"].cost
+    parts = cost.record()["parts"]
+    assert set(parts) == {"onnxruntime runs", "FFN probes"}
+    assert abs(sum(p["forward_pass_equivalents"] for p in parts.values()) - cost.forward_pass_equivalents) < 1e-3
+    assert parts["FFN probes"]["forward_pass_equivalents"] > 0 and parts["FFN probes"]["seconds"] > 0
+    assert parts["onnxruntime runs"]["count"] == cost.runs - 1
+    assert "FFN probes" in cost.definition
+
+
 def brute_force(chains, price, n_blocks, max_cost=None, target_depth=None):
     """Every plan of disjoint groups, its stages saved and cost; the best by the planner's rule."""
     spans = [s for s in price]

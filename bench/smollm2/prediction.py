@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.smollm2.common import RESULTS, agreement, corpus_ids, ort_logits, spearman, token_sets
+from passes.measure.predict import PREDICTION_DEFINITION
 from passes.support.errors import run_cli
 
 NAME = "smollm2_prediction"
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"configs": {name: study_config(name, original, layers, evaluation, calib, args.out)
                           for name, layers in CONFIGS.items()},
               "signals": {"m": "max M[i][j] over pairs of the group", "ratio": "sum over t = a+1..z of mean |h_t| / |x_t|",
-                          "predicted": "passes.measure.predict: change(remove z) * E|delta|^2 / E|h_z|^2"},
+                          "predicted": PREDICTION_DEFINITION},
               "tokens": {"evaluation": int(evaluation.size), "calibration": args.tokens}, "seconds": 0.0}
     result["seconds"] = round(time.perf_counter() - start, 1)
     from bench.results import write_result

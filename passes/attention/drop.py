@@ -26,7 +26,8 @@ from passes.support.errors import fail
 from passes.support.genai import beside_output
 from passes.support.graph import attribute, default_opset, drop_unused, live_nodes
 from passes.support.norms import SKIP_NORMS
-from passes.support.onnx_io import LoadedModel, ModelOutput, save_model
+from passes.support.onnx_io import LoadedModel, ModelOutput, stage_model
+from passes.support.outputs import Staging
 
 
 @dataclass
@@ -154,11 +155,11 @@ def _unfuse_unread_skip_norms(nodes: list[onnx.NodeProto], outputs: set[str]) ->
     return result
 
 
-def write_dropped(model: LoadedModel, output: ModelOutput, out_path: Path, *, staging=None) -> tuple[Path, dict | None, str | None]:
-    """Write the model without the dropped sublayers (verified); an onnxruntime-genai folder's caches are
+def stage_dropped(model: LoadedModel, output: ModelOutput, out_path: Path, staging: Staging) -> tuple[Path, dict | None, str | None]:
+    """Stage the model without the dropped sublayers (verified); an onnxruntime-genai folder's caches are
     renumbered and its config and tokenizer files written beside the output when it goes to another folder.
-    Returns (path, the files written beside it or None, a note or None); see onnx_io.save_model for staging."""
+    Returns (the staged model's path, the files written beside it or None, a note or None)."""
     extra, note = beside_output(model, output.proto, Path(out_path), renumber=True)
-    path = save_model(output, Path(out_path), protected={model.path} | model.external_files, reference=model.path,
-                      extra_files=extra, staging=staging)
+    path = stage_model(output, Path(out_path), staging, protected={model.path} | model.external_files,
+                       reference=model.path, extra_files=extra)
     return path, extra, note

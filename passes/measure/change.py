@@ -9,6 +9,7 @@ in float64), top-1 agreement, and with the input ids the perplexity of both mode
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -85,15 +86,24 @@ def next_token_agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> tuple[fl
     return metrics["kl_mean"], metrics["top1_agreement"]
 
 
-def logits_output(names: list[str]) -> str:
-    """The output holding next-token logits: the one named 'logits', else the first."""
-    return "logits" if "logits" in names else names[0]
+def logits_output(names: Sequence[str]) -> str | None:
+    """The output holding next-token logits: the one named 'logits' (the name torch.onnx exports of transformers
+    models, onnxruntime-genai's builder and our exporters give it); None when no output is so named. The one rule
+    every tool uses."""
+    return "logits" if "logits" in names else None
+
+
+def measured_output(names: Sequence[str]) -> tuple[str, bool]:
+    """(output, is_logits): the output a model-level change is measured on: the logits (next-token KL), else the
+    first output (relative squared error)."""
+    logits = logits_output(names)
+    return (logits, True) if logits else (names[0], False)
 
 
 def measure_change(original, changed, inputs=None) -> dict:
     """Run both models (LoadedModel or path) on the same calibration inputs (see calibration.calibration_for) and
-    compare every output: relative error |a - b| / |a| (Frobenius, float64) and max abs error; for an output named
-    'logits' also the mean KL(p_original || p_changed) of the next-token distributions and top-1 agreement."""
+    compare every output: relative error |a - b| / |a| (Frobenius, float64) and max abs error; for the logits
+    (logits_output) also the mean KL(p_original || p_changed) of the next-token distributions and top-1 agreement."""
     original = original if isinstance(original, LoadedModel) else load_model(original)
     changed = changed if isinstance(changed, LoadedModel) else load_model(changed)
     calib = calibration_for(original, inputs)
@@ -119,7 +129,7 @@ def measure_change(original, changed, inputs=None) -> dict:
         denom = float(np.linalg.norm(a))
         rec = {"relative_error": float(np.linalg.norm(a - b) / denom) if denom else float(np.linalg.norm(a - b)),
                "max_abs_error": float(np.max(np.abs(a - b))) if a.size else 0.0}
-        if name == "logits" and a.ndim >= 2 and a.shape[-1] > 1:
+        if name == logits_output(common) and a.ndim >= 2 and a.shape[-1] > 1:
             kl, top1 = next_token_agreement(a, b)
             rec.update(kl=kl, top1_agreement=top1)
             record["kl"], record["top1_agreement"] = kl, top1

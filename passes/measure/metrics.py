@@ -16,7 +16,6 @@ contribution needed. The whole matrix costs about n/2 forward-pass equivalents f
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -25,7 +24,7 @@ from onnx import TensorProto
 
 from passes.ffn.plan import CandidateCost
 from passes.ffn.structure import ModelStructure, model_structure
-from passes.measure.change import logits_output
+from passes.measure.change import measured_output
 from passes.measure.predict import (
     PREDICTION_DEFINITION,
     PROBE_TOKENS,
@@ -161,7 +160,7 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
             later[i] = js
     spans = candidate_spans(chains, ordinals, predict, blocks) if predict else []
     ends = set(group_ends(spans))
-    output = logits_output([o.name for o in proto.graph.output]) if spans else None
+    output, is_logits = measured_output([o.name for o in proto.graph.output]) if spans else (None, False)
     x_names = {o: blocks[o].residual_in for o in ordinals}
     h_names = {o: blocks[o].contribution for o in ordinals}
     bf16 = {name for b in blocks if b.data_type == TensorProto.BFLOAT16 for name in (b.residual_in, b.contribution)}
@@ -184,13 +183,13 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
                 matrix[pos[i]][pos[j]] = _mean(cosine_distance(hs[j], result[blocks[j].contribution]))
         candidates = []
         if spans:
-            probe, start = FFNProbe(model), time.perf_counter()
+            probe = FFNProbe(model)
             pairs = pair_contributions(sorted(ends), blocks, xs, probe)
             change = {}
             for k, z in enumerate(sorted(ends), start=len(removed)):
-                change[z] = output_change(base[output], runs.removal(k, pairs[z])[output], output == "logits")
+                change[z] = output_change(base[output], runs.removal(k, pairs[z])[output], is_logits)
             candidates = predict_costs(spans, blocks, xs, hs, change, pairs, probe, probe_tokens)
-            runs.charge("FFN probes", probe.flops / tokens, time.perf_counter() - start)
+            runs.charge("FFN probes", probe.flops / tokens, probe.seconds)
         cost = runs.cost()
     return Metrics(list(ordinals), cosdist, ratio, matrix, cost, tokens, scope, candidates,
-                   ("kl" if output == "logits" else "relative_squared_error") if spans else None)
+                   ("kl" if is_logits else "relative_squared_error") if spans else None)

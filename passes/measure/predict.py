@@ -24,6 +24,7 @@ all of it.
 """
 from __future__ import annotations
 
+import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -81,8 +82,16 @@ class FFNProbe:
     def __init__(self, model: LoadedModel):
         self.weights = Weights(initializer_map(model.proto), model.base_dir)
         self.flops = 0.0       # weight-MatMul FLOPs spent, for the cost report
+        self.seconds = 0.0     # time spent in calls
 
     def __call__(self, block: FFNBlock, x: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self._forward(block, x)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _forward(self, block: FFNBlock, x: np.ndarray) -> np.ndarray:
         w, d, m = self.weights, block.hidden_size, block.width
         x = x.astype(np.float32)
         n = x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(block.norm.eps))

@@ -19,6 +19,7 @@ from passes.attention.stream import Sublayer
 from passes.measure.change import logits_output, next_token_agreement
 from passes.measure.metrics import cosine_distance, norm_ratio
 from passes.measure.runs import Cost, SuffixRuns
+from passes.support.errors import fail
 from passes.support.onnx_io import LoadedModel
 
 
@@ -28,6 +29,9 @@ def rank_sublayers(model: LoadedModel, sublayers: Sequence[Sublayer], feeds: Map
     and what the measurement cost."""
     graph = model.proto.graph
     logits = logits_output([o.name for o in graph.output])
+    if logits is None:
+        fail("--rank measures next-token KL: the model needs an output named 'logits' "
+             f"(it has {', '.join(o.name for o in graph.output)})")
     logits_type = next(o.type.tensor_type.elem_type for o in graph.output if o.name == logits)
     float_names = {name for s in sublayers if s.data_type == TensorProto.BFLOAT16 for name in (s.residual_in, s.contribution)}
     if logits_type == TensorProto.BFLOAT16:

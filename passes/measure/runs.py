@@ -8,10 +8,11 @@ reads from before the cut (x itself, rotary tables, masks, shapes) are fed from 
 The variants live in memory; external weights are read in place through the session's external-data folder;
 the user's file is never touched.
 
-Cost is reported in forward-pass equivalents: the sum over runs of the weight-MatMul FLOPs executed (per token:
-2 x the constant operand's size, for every MatMul / Gemm / MatMulNBits in the run) divided by those of one full
-forward pass of the original graph. Attention score products and elementwise work are not counted; the node-count
-fraction is reported beside it.
+Cost is reported in forward-pass equivalents (COST_DEFINITION): the sum over runs of the weight-MatMul FLOPs
+executed (per token: 2 x the constant operand's size, for every MatMul / Gemm / MatMulNBits in the run), plus work
+charged from outside onnxruntime (the numpy FFN probes) in the same unit, divided by those of one full forward pass
+of the original graph; `parts` splits it and the seconds by kind of work. Attention score products and elementwise
+work are not counted; the node-count fraction is reported beside it.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from passes.support.errors import fail
 from passes.support.graph import GraphIndex
 from passes.support.onnx_io import LoadedModel, ort_session, run_session
 
-COST_DEFINITION = ("forward_pass_equivalents = sum over runs of the weight-MatMul FLOPs executed (MatMul/Gemm/MatMulNBits "
-                   "with a constant operand, 2 x its size per token) / the same for one full forward pass of the original "
-                   "model; attention score products and elementwise ops are not counted")
+COST_DEFINITION = ("forward_pass_equivalents = sum over every part of the analysis of the weight-MatMul FLOPs executed per "
+                   "calibration token (onnxruntime runs: MatMul/Gemm/MatMulNBits with a constant operand, 2 x its size per "
+                   "token; FFN probes in numpy: 6 d m per probed token of each block) / the same for one full forward pass "
+                   "of the original model; attention score products and elementwise ops are not counted. `parts` splits "
+                   "it, and the seconds, by kind of work")
+RUNS = "onnxruntime runs"
 _WEIGHT_PASSTHROUGH = ("Cast", "Transpose", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear")
 
 
@@ -41,11 +45,24 @@ class Cost:
     seconds: float                    # wall time of the whole analysis (sessions, runs, metrics)
     session_seconds: float            # of which creating onnxruntime sessions
     runs: int
-    per_run: list[dict] = field(default_factory=list)   # {"run", "forward_pass_fraction", "nodes", "seconds"}
+    per_run: list[dict] = field(default_factory=list)   # {"run", "part", "forward_pass_fraction", "nodes", "seconds"}
     definition: str = COST_DEFINITION
+
+    @property
+    def parts(self) -> dict[str, dict]:
+        """Forward-pass equivalents, seconds and count of each kind of work ("onnxruntime runs", "FFN probes", ...)."""
+        parts: dict[str, dict] = {}
+        for run in self.per_run:
+            part = parts.setdefault(run.get("part", RUNS), {"forward_pass_equivalents": 0.0, "seconds": 0.0, "count": 0})
+            part["forward_pass_equivalents"] += run["forward_pass_fraction"] or 0.0
+            part["seconds"] += run["seconds"]
+            part["count"] += 1
+        return {name: {**p, "forward_pass_equivalents": round(p["forward_pass_equivalents"], 4),
+                       "seconds": round(p["seconds"], 3)} for name, p in parts.items()}
 
     def record(self) -> dict:
         rec = asdict(self)
+        rec["parts"] = self.parts
         rec["forward_pass_equivalents"] = round(self.forward_pass_equivalents, 4)
         rec["node_fraction"] = round(self.node_fraction, 4)
         rec["seconds"] = round(self.seconds, 3)
@@ -275,7 +292,7 @@ class SuffixRuns:
             _explain_ort_failure(exc)
             raise
         del session
-        self.run_log.append({"run": cut.label, "nodes": len(cut.nodes), "seconds": round(time.perf_counter() - t0, 4),
+        self.run_log.append({"run": cut.label, "part": RUNS, "nodes": len(cut.nodes), "seconds": round(time.perf_counter() - t0, 4),
                              "forward_pass_fraction": round(sum(self.flops[k] for k in cut.nodes) / self.total_flops, 6)
                              if self.total_flops else None})
         self.bar.update(1)
@@ -307,8 +324,8 @@ class SuffixRuns:
         return values
 
     def charge(self, label: str, flops_per_token: float, seconds: float) -> None:
-        """Record work done outside onnxruntime (weight-MatMul FLOPs per calibration token) in the cost."""
-        self.run_log.append({"run": label, "nodes": 0, "seconds": round(seconds, 4),
+        """Record work done outside onnxruntime (weight-MatMul FLOPs per calibration token) in the cost, as part `label`."""
+        self.run_log.append({"run": label, "part": label, "nodes": 0, "seconds": round(seconds, 4),
                              "forward_pass_fraction": round(flops_per_token / self.total_flops, 6) if self.total_flops else None})
 
     def cost(self) -> Cost:

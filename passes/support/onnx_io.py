@@ -228,17 +228,17 @@ def initializer_map(model: onnx.ModelProto) -> dict[str, TensorProto]:
 
 # ---------------------------------------------------------------- saving
 
-def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bool | None = None,
-               protected: set[Path] = frozenset(), verify: bool = True, reference: Path | None = None,
-               extra_files: dict[str, bytes | Path] | None = None, staging: Staging | None = None) -> Path:
-    """Write `output` to out_path atomically: temporary folder beside it, verify, rename.
+def stage_model(output: ModelOutput, out_path: str | os.PathLike, staging: Staging, *, external: bool | None = None,
+                protected: set[Path] = frozenset(), verify: bool = True, reference: Path | None = None,
+                extra_files: dict[str, bytes | Path] | None = None) -> Path:
+    """Write `output`, verified, into `staging` for out_path; returns the temporary model path (its data beside it).
+    staging.publish() renames it into place, after whatever else the caller stages (a report measured on the
+    model, say).
 
     external=None writes external data when the tensors exceed the protobuf limit or any input tensor was
     external. `protected` files (the input and its data) are never written. `reference` is the input model,
     used to tell a verification failure we caused from one the input already had. `extra_files` (name: bytes,
-    or a file to copy) go beside the model. With `staging`, nothing is renamed yet: the verified model lies at
-    the returned temporary path (its data beside it) and staging.publish() puts it in place, after whatever
-    else the caller stages (a report measured on that model, say); without, it is published at once.
+    or a file to copy) go beside the model.
     """
     out_path = Path(out_path)
     data_name = out_path.name + ".data"
@@ -252,36 +252,36 @@ def save_model(output: ModelOutput, out_path: str | os.PathLike, *, external: bo
         external = total > PROTOBUF_LIMIT or any(_is_external(t) for t in output.proto.graph.initializer)
     external = external or total > PROTOBUF_LIMIT
 
-    own = staging is None
-    staging = staging or Staging()
-    try:
-        tmp_dir = staging.folder(out_path)
-        tmp_model = tmp_dir / out_path.name
-        if external:
-            _write_external(proto, output, tmp_dir / data_name, data_name, total)
+    tmp_dir = staging.folder(out_path)
+    tmp_model = tmp_dir / out_path.name
+    if external:
+        _write_external(proto, output, tmp_dir / data_name, data_name, total)
+    else:
+        _inline_all(proto, output)
+    with open(tmp_model, "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))
+    extras = {name: content for name, content in (extra_files or {}).items() if name not in (out_path.name, data_name)}
+    for name, content in extras.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, tmp_dir / name)
         else:
-            _inline_all(proto, output)
-        with open(tmp_model, "wb") as f:
-            f.write(proto.SerializeToString(deterministic=True))
-        extras = {name: content for name, content in (extra_files or {}).items() if name not in (out_path.name, data_name)}
-        for name, content in extras.items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp_dir / name)
-            else:
-                (tmp_dir / name).write_bytes(content)
-        if verify:
-            verify_model(tmp_model, reference)
-        if external:
-            staging.add(tmp_dir / data_name, out_path.with_name(data_name))
-        for name in extras:
-            staging.add(tmp_dir / name, out_path.with_name(name))
-        staging.add(tmp_model, out_path)
-        if own:
-            staging.publish()
-    finally:
-        if own:
-            staging.__exit__(None, None, None)
-    return out_path if own else tmp_model
+            (tmp_dir / name).write_bytes(content)
+    if verify:
+        verify_model(tmp_model, reference)
+    if external:
+        staging.add(tmp_dir / data_name, out_path.with_name(data_name))
+    for name in extras:
+        staging.add(tmp_dir / name, out_path.with_name(name))
+    staging.add(tmp_model, out_path)
+    return tmp_model
+
+
+def save_model(output: ModelOutput, out_path: str | os.PathLike, **options) -> Path:
+    """Write `output` to out_path atomically (stage_model, then publish at once); returns out_path."""
+    with Staging() as staging:
+        stage_model(output, out_path, staging, **options)
+        staging.publish()
+    return Path(out_path)
 
 
 def check_not_input(out_path: Path, protected) -> None:
