@@ -1,24 +1,25 @@
 """The FFN-fusion compiler: passes over exported ONNX models.
 
 Commands (python -m passes.X: they parse arguments, call the pipeline and print; nothing else):
-  fuse             match -> chains -> (analysis) -> plan -> rewrite -> verify -> write, and measure the change
-  analyze          per-block metrics and the dependency matrix M, heatmaps
+  fuse             match -> chains -> (measure) -> plan -> rewrite -> verify -> write, and measure the change
+  analyze          per-block metrics, the dependency matrix M and predicted costs, heatmaps
   drop_attention   the Puzzle step: rank and remove attention sublayers
 
-passes.pipeline, the stages, each a function over plain dataclasses:
-  structure        one entry: graph index, FFN blocks, chains, rejections of a loaded model
-  match, patterns  stage 1: pre-norm SwiGLU FFN blocks (patterns: weights, linear layers, normalizations)
-  stream           the residual stream's sublayers (attention and others), layer numbers
-  chains           stage 2: maximal runs of consecutive FFN blocks
-  analysis, suffix stage 3: cosdist, |h|/|x|, M, measured by running only the parts of the graph that change
-  plan, plan_auto  stage 4: explicit groups, the paper's rule, the measured plan
-  rewrite, fusion  stage 5: one wide FFN per group; fusing a loaded model
-  drop, ranking    removing sublayers; what removing each one alone costs
-  change           model-level change: relative error, next-token KL, top-1, perplexity
+passes.pipeline    the whole FFN fusion in one call: Plan (explicit groups, the paper's rule, auto), choose_groups,
+                   fuse_model, stage_fused, fuse_file; used by the fuse CLI and by Python callers
 
-passes.support, what the stages stand on: graph (the one graph index), onnx_io (loading with safe external data,
-staged writing), calibration and input_files (inputs), genai (onnxruntime-genai folders), outputs (output checks,
-staging), builder (new nodes), ranges, report, plots, errors.
+Floors (imports only point down; a test checks it):
+  passes.ffn        the FFN fusion, find -> check with a reason -> rewrite: match, linear (the kinds of linear
+                    layer read and written), chains, structure, plan (explicit, paper, policies over measured
+                    numbers), rewrite. Reads and rewrites graphs; never runs a model.
+  passes.attention  the attention side: stream (sublayers on the residual stream), drop. Never runs a model.
+  passes.measure    everything that runs a model: runs (suffix runs and their cost), metrics (cosdist, |h|/|x|,
+                    M), predict (predicted cost of each candidate group), change (KL, top-1, perplexity; which
+                    output is the logits), ranking (attention removal), plots. Imports ffn and attention types.
+  passes.support    the ground floor, importing nothing above it: graph (the one graph index), patterns and norms
+                    (sub-patterns and the one normalization recognizer, both directions), onnx_io (safe external
+                    data, staged writing), outputs (output checks, staging), calibration and input files, genai
+                    folders, builder (new nodes), ranges, report, errors.
 
 passes/ imports no torch: it runs where only onnx and onnxruntime are installed.
 """

@@ -13,7 +13,8 @@ Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, se
 inputs (source, shapes; a warning for random tokens), tokens, metrics {ordinal: {cosdist_io, ratio}},
 dependency {ordinals, scope, matrix (row i, column j; null = not measured)}, candidates {unit, definition,
 groups: [{span, predicted_cost, relative_error, sensitivity, max_m}]}, cost {forward_pass_equivalents,
-node_fraction, seconds, session_seconds, runs, per_run, definition}, seconds.
+node_fraction, seconds, session_seconds, runs, per_run, parts {name: {forward_pass_equivalents, seconds, count}},
+definition}, seconds.
 """
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ def summary(report: dict) -> str:
         lines.append(table([(f"{c['span'][0]}-{c['span'][1]}", "-" if c["predicted_cost"] is None else c["predicted_cost"],
                              "-" if c["max_m"] is None else c["max_m"]) for c in shown],
                            header=("group", f"predicted {candidates['unit']}", "max M")))
-    lines.append(f"  cost: {cost['forward_pass_equivalents']:.3g} forward-pass equivalents in {cost['runs']} runs, "
-                 f"{cost['seconds']:.2f} s ({cost['session_seconds']:.2f} s creating sessions)")
+    parts = "; ".join(f"{name} {p['forward_pass_equivalents']:.3g} in {p['seconds']:.2f} s" for name, p in cost["parts"].items())
+    lines.append(f"  cost: {cost['forward_pass_equivalents']:.3g} forward-pass equivalents ({parts}), "
+                 f"{cost['seconds']:.2f} s in all ({cost['session_seconds']:.2f} s creating sessions)")
     return "\n".join(lines)
 
 
