@@ -32,17 +32,11 @@ import argparse
 import math
 from pathlib import Path
 
+from bench.batch_seq import batch_seq_arg
 from bench.comparison import DEFAULT_SEED, DEFAULT_SHAPE, compare
 from bench.results import result_json
 from passes.support.errors import fail, run_cli
 from passes.support.outputs import check_output
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ with positive integers, e.g. 1x16; got '{text}'")
-    return int(parts[0]), int(parts[1])
 
 
 def _g(x) -> str:
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("fused", type=Path, help="the fused ONNX model")
     parser.add_argument("--inputs", type=Path, help=".npz (one array per input) or polygraphy inputs JSON "
                                                      "(polygraphy run --save-inputs); default: random")
-    parser.add_argument("--shape", type=parse_shape, default=DEFAULT_SHAPE, metavar="BATCHxSEQ",
+    parser.add_argument("--shape", type=batch_seq_arg, default=DEFAULT_SHAPE, metavar="BATCHxSEQ",
                         help="dynamic batch and sequence for random inputs (default 1x16)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for random inputs (default 1)")
     parser.add_argument("--atol", type=float, help="absolute tolerance for every output "

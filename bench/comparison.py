@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.measure.change import next_token_metrics
-from passes.support.calibration import Calibration, calibration_for, random_inputs, vocab_sizes
+from passes.measure.change import logits_output, next_token_metrics
+from passes.support.calibration import Calibration, calibration_for, random_inputs
 from passes.support.errors import fail
+from passes.support.graph_inputs import value_dims, vocab_sizes
 from passes.support.onnx_io import load_model
 from passes.support.report import differences
 
@@ -35,7 +36,7 @@ FALLBACK_TOLERANCE = 1e-3
 class TensorInfo:
     name: str
     elem_type: int
-    dims: list          # int, str (dim_param) or None (unknown)
+    dims: tuple | None  # per axis int, str (dim_param) or None (unknown); None: rank unknown (value_dims)
 
     @property
     def dtype_name(self) -> str:
@@ -48,16 +49,7 @@ class TensorInfo:
 
 
 def _tensor_infos(values, skip: set[str] = frozenset()) -> list[TensorInfo]:
-    infos = []
-    for value in values:
-        if value.name in skip:
-            continue
-        ttype = value.type.tensor_type
-        dims = None
-        if ttype.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in ttype.shape.dim]
-        infos.append(TensorInfo(value.name, ttype.elem_type, dims if dims is not None else []))
-    return infos
+    return [TensorInfo(v.name, v.type.tensor_type.elem_type, value_dims(v)) for v in values if v.name not in skip]
 
 
 @dataclass
@@ -88,20 +80,34 @@ def model_interface(path: Path) -> Interface:
 
 
 def check_same_interface(orig: Interface, fused: Interface) -> None:
-    """Both models must take the same inputs and give the same outputs (names, element types, ranks)."""
+    """The one rule for "these two models can be compared (bench.compare) or timed side by side (bench.latency)";
+    anything else is a UserError naming the first difference. Both models must have
+
+    - the same input names and the same output names (as sets: feeds and results go by name, so order does not
+      matter; every output of the original is compared, so the fused model needs each one, and no others);
+    - for each of those inputs and outputs, the same element type;
+    - compatible shapes: the same rank where both ranks are known, and the same size on every axis that both
+      models fix to a number (a fixed size against a dynamic or unknown one is compatible).
+    """
+    a_name, b_name = orig.path.name, fused.path.name
     for kind, a, b in (("input", orig.inputs, fused.inputs), ("output", orig.outputs, fused.outputs)):
         names_a, names_b = [t.name for t in a], [t.name for t in b]
         if set(names_a) != set(names_b):
-            only = differences([(f"only {orig.path.name} has", sorted(set(names_a) - set(names_b))),
-                                (f"only {fused.path.name} has", sorted(set(names_b) - set(names_a)))])
+            only = differences([(f"only {a_name} has", sorted(set(names_a) - set(names_b))),
+                                (f"only {b_name} has", sorted(set(names_b) - set(names_a)))])
             fail(f"the models have different {kind}s ({only}); compare a model with its own fused version")
         by_name = {t.name: t for t in b}
         for t in a:
             u = by_name[t.name]
             if t.elem_type != u.elem_type:
-                fail(f"{kind} '{t.name}' is {t.dtype_name} in {orig.path.name} but {u.dtype_name} in {fused.path.name}")
-            if t.dims and u.dims and len(t.dims) != len(u.dims):
-                fail(f"{kind} '{t.name}' has rank {len(t.dims)} in {orig.path.name} but {len(u.dims)} in {fused.path.name}")
+                fail(f"{kind} '{t.name}' is {t.dtype_name} in {a_name} but {u.dtype_name} in {b_name}")
+            if t.dims is None or u.dims is None:
+                continue
+            if len(t.dims) != len(u.dims):
+                fail(f"{kind} '{t.name}' has rank {len(t.dims)} in {a_name} but {len(u.dims)} in {b_name}")
+            for axis, (x, y) in enumerate(zip(t.dims, u.dims)):
+                if isinstance(x, int) and isinstance(y, int) and x != y:
+                    fail(f"{kind} '{t.name}' has size {x} on axis {axis} in {a_name} but {y} in {b_name}")
 
 
 def is_language_model_output(out: TensorInfo, vocab: int | None) -> bool:
@@ -184,9 +190,11 @@ def output_statistics(iface: Interface, iterations, orig_runs, fused_runs, atols
 
 
 def language_model_statistics(iface: Interface, feeds: dict, orig: dict, fused: dict, real_text: bool) -> dict | None:
-    """KL, top-1 and (on real text) perplexity for the logits output, or None when the model has none."""
-    out = next((o for o in iface.outputs if o.name == "logits" and is_language_model_output(o, iface.vocab)), None) \
-        or next((o for o in iface.outputs if is_language_model_output(o, iface.vocab)), None)
+    """KL, top-1 and (on real text) perplexity for the logits output, or None when the model has none. The logits
+    output, among the outputs that look like a language model's (is_language_model_output): the one
+    passes.measure.change.logits_output names (the output named 'logits'), else the first of them."""
+    candidates = {o.name: o for o in iface.outputs if is_language_model_output(o, iface.vocab)}
+    out = candidates[logits_output(list(candidates)) or next(iter(candidates))] if candidates else None
     if out is None or np.shape(orig[out.name]) != np.shape(fused[out.name]):
         return None
     token = iface.token_input or ("input_ids" if "input_ids" in feeds else None)

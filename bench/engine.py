@@ -11,7 +11,7 @@ ahead of time without a GPU, but its engines do not run on data-center GPUs such
   A parse failure prints the parser's errors (node index, name, operator, message) and exits 2.
 - Every dynamic input gets an optimization profile from --min/--opt/--max BATCHxSEQ: its batch dimension the batch,
   its sequence dimensions (new tokens, a KV cache's past, a mask's total length) the sequence, by the one rule
-  every tool uses (passes.support.calibration.dimension_role).
+  every tool uses (passes.support.graph_inputs.dimension_role).
 - Parsing and building run in a child process that Ctrl-C / SIGTERM stop at once (exit 130, nothing written);
   the serialized engine is written under a temporary name beside the output and renamed when the build is done.
 
@@ -34,8 +34,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from passes.support.calibration import InputSpec, dimension_role, input_specs
+from bench.batch_seq import batch_seq_arg
 from passes.support.errors import UserError, fail, run_cli
+from passes.support.graph_inputs import InputSpec, dimension_role, input_specs
 from passes.support.onnx_io import check_not_input, load_model
 from passes.support.outputs import Staging, check_output
 
@@ -102,15 +103,8 @@ def _make_logger(trt, verbose: bool):
 
 # ------------------------------------------------------------------------------------------------ shapes
 
-def parse_bxs(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ with positive integers, e.g. 1x128; got '{text}'")
-    return int(parts[0]), int(parts[1])
-
-
 def profile_shapes(spec: InputSpec, mins, opts, maxs) -> dict[str, list[int]]:
-    """min/opt/max shapes for one dynamic network input (BATCHxSEQ each), by passes.support.calibration's rule
+    """min/opt/max shapes for one dynamic network input (BATCHxSEQ each), by passes.support.graph_inputs' rule
     for dimensions: the batch from the flags' batch, the sequence (new tokens, a KV cache's past, a mask's total)
     from their sequence, fixed dims kept."""
     out = {"min": [], "opt": [], "max": []}
@@ -366,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="ONNX model (external data next to it is read)")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.engine", help="engine file to write")
-    parser.add_argument("--min", type=parse_bxs, default=DEFAULT_MIN, metavar="BxS", help="profile minimum (default 1x1)")
-    parser.add_argument("--opt", type=parse_bxs, default=DEFAULT_OPT, metavar="BxS", help="profile optimum (default 1x128)")
-    parser.add_argument("--max", type=parse_bxs, default=DEFAULT_MAX, metavar="BxS", help="profile maximum (default 8x1024)")
+    parser.add_argument("--min", type=batch_seq_arg, default=DEFAULT_MIN, metavar="BxS", help="profile minimum (default 1x1)")
+    parser.add_argument("--opt", type=batch_seq_arg, default=DEFAULT_OPT, metavar="BxS", help="profile optimum (default 1x128)")
+    parser.add_argument("--max", type=batch_seq_arg, default=DEFAULT_MAX, metavar="BxS", help="profile maximum (default 8x1024)")
     parser.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB (default: TensorRT's)")
     parser.add_argument("--tensorrt", choices=("auto", "tensorrt", "rtx"), default="auto",
                         help="which TensorRT to use (default auto: tensorrt if importable, else TensorRT-RTX)")

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from passes.support.calibration import concrete_shape, input_specs
+from bench.comparison import check_same_interface, model_interface
 from passes.support.errors import fail, run_cli
+from passes.support.graph_inputs import concrete_shape, input_specs
 from passes.support.onnx_io import load_model, tensor_nbytes
 from passes.support.report import table
 
@@ -101,7 +102,7 @@ def graph_kind(session) -> str:
 
 def make_feeds(session, batch: int, tokens: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Timing inputs for one step of `tokens` new tokens after `past` cached ones (a decode graph gets one new
-    token per row), shapes by passes.support.calibration.concrete_shape: token ids in the vocabulary (the last
+    token per row), shapes by passes.support.graph_inputs.concrete_shape: token ids in the vocabulary (the last
     axis of the first output), an all-ones attention mask, positions, N(0, 1) caches and hidden states."""
     rng = np.random.default_rng(seed)
     vocab = next((o.shape[-1] for o in session.get_outputs() if isinstance(o.shape[-1], int)), 1000)
@@ -202,12 +203,6 @@ def time_side_by_side(models: list[BoundModel], warmup: int, runs: int, pipeline
     return samples
 
 
-def check_same_interface(a, b) -> None:
-    sig = lambda s: ([(i.name, i.type) for i in s.get_inputs()], [(o.name, o.type) for o in s.get_outputs()])
-    if sig(a) != sig(b):
-        fail("the two models have different inputs or outputs; compare an original with its fused model")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[1])
     parser.add_argument("original")
@@ -224,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", help="a short label for tables and plots")
     args = parser.parse_args(argv)
     paths = [Path(args.original), Path(args.fused)]
-    for p in paths:
-        load_model(p)   # missing or corrupt files, external data outside the model's folder: exit 2 before any work
+    # missing or corrupt files, external data outside the model's folder, models that cannot be compared: exit 2
+    # before any work
+    check_same_interface(*(model_interface(p) for p in paths))
 
     if args.provider == "cuda":
         try:
@@ -247,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     device = measure_device(args.provider)
     costs = [model_cost(p) for p in paths]
     rows, records = [], []
-    probe = [BoundModel(p, "cpu", False).session for p in paths]
-    check_same_interface(*probe)
-    kind = graph_kind(probe[0])
-    del probe
+    kind = graph_kind(BoundModel(paths[0], "cpu", False).session)
     token_list = [1] if kind == "decode" else tokens
     for batch in batches:
         for t in token_list:

@@ -23,9 +23,9 @@ from passes.support.calibration import (
     load_calibration,
     load_inputs,
     random_inputs,
-    vocab_sizes,
 )
 from passes.support.errors import UserError
+from passes.support.graph_inputs import vocab_sizes
 from passes.support.input_files import save_inputs_npz
 from tests.residual_models import FFN, ResidualStack, TinyLM, export, export_lm
 

@@ -18,8 +18,9 @@ import torch
 from bench import compare as bc
 from bench import comparison
 from passes.pipeline import fuse_file
-from passes.support.calibration import random_inputs, vocab_sizes
+from passes.support.calibration import random_inputs
 from passes.support.errors import UserError
+from passes.support.graph_inputs import vocab_sizes
 from tests.residual_models import ResidualStack, TinyLM, export, export_lm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.support.calibration import ort_type_to_onnx
 from passes.support.errors import fail
 from passes.support.graph import GraphIndex
+from passes.support.graph_inputs import ort_type_to_onnx
 from passes.support.onnx_io import LoadedModel, ort_session, run_session
 
 COST_DEFINITION = ("forward_pass_equivalents = sum over every part of the analysis of the weight-MatMul FLOPs executed per "

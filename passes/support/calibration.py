@@ -1,4 +1,6 @@
 """Calibration inputs for passes.measure.metrics and the auto plan: load them from a file, validate them, or make them.
+What the graph's inputs are (specs, dimension roles, concrete shapes, vocabularies, cache sizes) is
+passes.support.graph_inputs'.
 
 Sources:
   FILE.npz   one array per graph input, by name (np.savez; see passes.support.input_files);
@@ -24,9 +26,20 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from passes.support.errors import fail
+from passes.support.graph_inputs import (
+    FLOAT_TYPES,
+    INT_TYPES,
+    InputSpec,
+    cache_hints,
+    concrete_shape,
+    input_specs,
+    is_cache,
+    shape_text,
+    vocab_sizes,
+)
 from passes.support.input_files import read_inputs_file
 from passes.support.report import differences
 
@@ -37,22 +50,6 @@ RANDOM_WARNING = ("no --inputs given: using random token ids; dependencies measu
                   "those on real text, pass --inputs FILE.npz with real text for a plan you can trust")
 RANDOM_FLOAT_WARNING = ("no --inputs given: using random normal inputs; pass --inputs FILE.npz with representative "
                         "data for a plan you can trust")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input: name, element type (ONNX enum) and shape (int = fixed, str/None = dynamic)."""
-    name: str
-    elem_type: int
-    shape: tuple[int | str | None, ...] | None   # None: rank unknown
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
-
-    @property
-    def type_name(self) -> str:
-        return TensorProto.DataType.Name(self.elem_type).lower()
 
 
 @dataclass
@@ -74,98 +71,6 @@ class Calibration:
         if self.notes:
             rec["notes"] = list(self.notes)
         return rec
-
-
-# ---------------------------------------------------------------- graph inputs
-
-_ORT_TYPES = {f"tensor({name})": enum for name, enum in (
-    ("float", TensorProto.FLOAT), ("float16", TensorProto.FLOAT16), ("bfloat16", TensorProto.BFLOAT16),
-    ("double", TensorProto.DOUBLE), ("int64", TensorProto.INT64), ("int32", TensorProto.INT32),
-    ("int16", TensorProto.INT16), ("int8", TensorProto.INT8), ("uint8", TensorProto.UINT8),
-    ("uint16", TensorProto.UINT16), ("uint32", TensorProto.UINT32), ("uint64", TensorProto.UINT64),
-    ("bool", TensorProto.BOOL))}
-
-
-def ort_type_to_onnx(type_string: str) -> int:
-    """'tensor(float)' -> TensorProto.FLOAT."""
-    if type_string not in _ORT_TYPES:
-        raise ValueError(f"unsupported tensor type {type_string}")
-    return _ORT_TYPES[type_string]
-
-
-def input_specs(source) -> list[InputSpec]:
-    """InputSpecs from an onnx ModelProto / GraphProto (inputs that are not initializers), onnxruntime NodeArgs
-    (`session.get_inputs()`), or InputSpecs."""
-    if isinstance(source, onnx.ModelProto):
-        source = source.graph
-    if isinstance(source, onnx.GraphProto):
-        inits = {t.name for t in source.initializer}
-        specs = []
-        for vi in source.input:
-            if vi.name in inits:
-                continue
-            tensor = vi.type.tensor_type
-            shape = None
-            if tensor.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-            specs.append(InputSpec(vi.name, tensor.elem_type, shape))
-        return specs
-    specs = []
-    for item in source:
-        if isinstance(item, InputSpec):
-            specs.append(item)
-        else:   # onnxruntime NodeArg
-            shape = None if item.shape is None else tuple(item.shape)
-            specs.append(InputSpec(item.name, ort_type_to_onnx(item.type), shape))
-    return specs
-
-
-def vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer graph inputs that are token ids -> vocabulary size.
-
-    An input is a token input when it reaches (through Cast/Reshape/Flatten/Squeeze/Unsqueeze) the indices of a
-    Gather whose data is an initializer: vocab = that table's row count. Otherwise, an integer input named
-    like 'input_ids' gets the last axis of an output named 'logits', when it is fixed.
-    """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                consumers.setdefault(name, []).append(node)
-    int_inputs = [s for s in input_specs(graph) if s.elem_type in _INT_TYPES]
-    logits_vocab = None
-    for out in graph.output:
-        if out.name == "logits" and out.type.tensor_type.HasField("shape"):
-            dims = out.type.tensor_type.shape.dim
-            if dims and dims[-1].HasField("dim_value"):
-                logits_vocab = int(dims[-1].dim_value)
-    found = {}
-    for spec in int_inputs:
-        frontier, seen = [spec.name], set()
-        while frontier:
-            tensor = frontier.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            for node in consumers.get(tensor, []):
-                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == tensor and node.input[0] in inits:
-                    table = inits[node.input[0]]
-                    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-                    if table.dims and axis in (0, -len(table.dims)):
-                        rows = int(table.dims[0])
-                        found[spec.name] = min(rows, found.get(spec.name, rows))
-                elif node.op_type in ("Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity") and node.input[0] == tensor:
-                    frontier.append(node.output[0])
-        if spec.name not in found and logits_vocab and "input_ids" in spec.name:
-            found[spec.name] = logits_vocab
-    return found
-
-
-_INT_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
-              TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
 # ---------------------------------------------------------------- loading
@@ -221,14 +126,14 @@ def _check_one(array: np.ndarray, spec: InputSpec, vocab: int | None, where: str
     label = f"{where}: input '{spec.name}'"
     if spec.shape is not None:
         if array.ndim != len(spec.shape):
-            fail(f"{label} has rank {array.ndim} (shape {list(array.shape)}), the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}")
+            fail(f"{label} has rank {array.ndim} (shape {list(array.shape)}), the model expects rank {len(spec.shape)} {shape_text(spec.shape)}")
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
             if isinstance(want, int) and want > 0 and got != want:
-                fail(f"{label} has size {got} on axis {axis} (shape {list(array.shape)}), the model fixes it to {want} {_shape_text(spec.shape)}")
-    if array.size == 0 and not _is_cache(spec):
+                fail(f"{label} has size {got} on axis {axis} (shape {list(array.shape)}), the model fixes it to {want} {shape_text(spec.shape)}")
+    if array.size == 0 and not is_cache(spec):
         fail(f"{label} is empty (shape {list(array.shape)})")
     kind = array.dtype.kind
-    if spec.elem_type in _INT_TYPES:
+    if spec.elem_type in INT_TYPES:
         if kind in "iu":
             pass
         elif kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
@@ -242,7 +147,7 @@ def _check_one(array: np.ndarray, spec: InputSpec, vocab: int | None, where: str
             bad = int(array.max()) if array.max() >= vocab else int(array.min())
             fail(f"{label}: token id {bad} is outside the vocabulary [0, {vocab})")
         return array.astype(spec.dtype)
-    if spec.elem_type in _FLOAT_TYPES:
+    if spec.elem_type in FLOAT_TYPES:
         if kind not in "fiu":
             fail(f"{label} has element type {array.dtype}, the model expects {spec.type_name}")
         if spec.elem_type == TensorProto.BFLOAT16:
@@ -255,55 +160,7 @@ def _check_one(array: np.ndarray, spec: InputSpec, vocab: int | None, where: str
     fail(f"{label}: element type {spec.type_name} is not supported for calibration inputs")
 
 
-def _shape_text(shape) -> str:
-    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
-
-
 # ---------------------------------------------------------------- random inputs and files
-
-def _is_cache(spec: InputSpec) -> bool:
-    """A KV-cache input (past_key_values.0.key, past_key_3, ...)."""
-    return spec.elem_type in _FLOAT_TYPES and ("past" in spec.name.lower() or "cache" in spec.name.lower())
-
-
-def dimension_role(spec: InputSpec, axis: int) -> str:
-    """The one rule for what a dimension of a graph input is: "fixed" (a number in the graph), "batch" (dynamic
-    axis 0), in a KV-cache input "past" (a dim named like "past"), "num_key_value_heads" (axis 1) or "head_size"
-    (the last axis), "total" (a dim named like "total": past + new tokens, as an attention mask over the cache),
-    else "seq" (the new tokens)."""
-    d = spec.shape[axis]
-    name = str(d or "").lower()
-    if isinstance(d, int) and d > 0:
-        return "fixed"
-    if axis == 0:
-        return "batch"
-    if _is_cache(spec):
-        if "past" in name:
-            return "past"
-        return "head_size" if axis == len(spec.shape) - 1 else "num_key_value_heads" if axis == 1 else "unknown"
-    return "total" if "total" in name else "seq"
-
-
-def concrete_shape(spec: InputSpec, batch: int, seq: int, hints: Mapping[str, int], past: int = 0) -> tuple[int, ...]:
-    """The shape of one input for `batch` rows of `seq` new tokens after `past` cached ones (dimension_role);
-    cache dimensions the graph leaves dynamic come from `hints` (head_size, num_key_value_heads)."""
-    if spec.shape is None:
-        fail(f"input '{spec.name}' has unknown rank; pass --inputs")
-    sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-    shape = []
-    for axis, d in enumerate(spec.shape):
-        role = dimension_role(spec, axis)
-        if role == "fixed":
-            shape.append(int(d))
-        elif role in sizes:
-            shape.append(sizes[role])
-        elif role in hints:
-            shape.append(int(hints[role]))
-        else:
-            fail(f"KV-cache input '{spec.name}' has a dynamic dimension '{d or '?'}' (axis {axis}) whose size is not "
-                 f"known; pass --inputs with that input")
-    return tuple(shape)
-
 
 def token_feeds(specs: list[InputSpec], vocab: Mapping[str, int], ids: np.ndarray, hints: Mapping[str, int],
                 only: list[str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -323,14 +180,14 @@ def token_feeds(specs: list[InputSpec], vocab: Mapping[str, int], ids: np.ndarra
         if spec.name in vocab:
             feeds[spec.name] = ids.reshape(shape).astype(spec.dtype)
             continue
-        if spec.elem_type in _INT_TYPES and "mask" in lowered:
+        if spec.elem_type in INT_TYPES and "mask" in lowered:
             feeds[spec.name], what = np.ones(shape, spec.dtype), "all ones"
-        elif spec.elem_type in _INT_TYPES and "position" in lowered:
+        elif spec.elem_type in INT_TYPES and "position" in lowered:
             feeds[spec.name], what = np.broadcast_to(np.arange(shape[-1], dtype=spec.dtype), shape).copy(), "0..seq-1"
-        elif _is_cache(spec) and spec.elem_type != TensorProto.BFLOAT16:
+        elif is_cache(spec) and spec.elem_type != TensorProto.BFLOAT16:
             feeds[spec.name], what = np.zeros(shape, spec.dtype), "empty cache"
         else:
-            fail(f"cannot make a value for input '{spec.name}' ({spec.type_name} {_shape_text(spec.shape or ())}) from "
+            fail(f"cannot make a value for input '{spec.name}' ({spec.type_name} {shape_text(spec.shape or ())}) from "
                  f"token ids; pass --inputs FILE.npz with every graph input")
         made.append(f"{spec.name}: {what} {list(shape)}")
     return feeds, ([f"made for the token ids: {'; '.join(made)}"] if made else [])
@@ -353,42 +210,19 @@ def random_inputs(session_inputs, vocab: Mapping[str, int] | None = None, *, bat
     feeds = {}
     for spec in specs:
         shape = concrete_shape(spec, batch, seq, hints)
-        if spec.elem_type in _INT_TYPES and ("mask" in spec.name.lower() or "position" in spec.name.lower()):
+        if spec.elem_type in INT_TYPES and ("mask" in spec.name.lower() or "position" in spec.name.lower()):
             feeds.update(token_feeds([spec], vocab, np.zeros((batch, seq), np.int64), hints)[0])
         elif spec.elem_type == TensorProto.BOOL:
             feeds[spec.name] = np.ones(shape, bool)
-        elif spec.elem_type in _FLOAT_TYPES and spec.elem_type != TensorProto.BFLOAT16:
+        elif spec.elem_type in FLOAT_TYPES and spec.elem_type != TensorProto.BFLOAT16:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.elem_type in _INT_TYPES:
+        elif spec.elem_type in INT_TYPES:
             fail(f"cannot make random values for integer input '{spec.name}' (no embedding table found, so the vocabulary "
                  f"is unknown); pass --inputs FILE.npz")
         else:
             fail(f"cannot make random values for input '{spec.name}' of type {spec.type_name}; pass --inputs FILE.npz")
     shapes = ", ".join(f"{n} {list(v.shape)}" for n, v in feeds.items())
     return Calibration(feeds, f"random normal (seed {seed}): {shapes}", RANDOM_FLOAT_WARNING)
-
-
-def cache_hints(model: onnx.ModelProto, model_path: Path | None = None) -> dict[str, int]:
-    """Sizes of KV-cache dimensions the graph leaves dynamic: from an onnxruntime-genai config beside the model,
-    else from a GroupQueryAttention's attributes and its packed QKV projection ([d, (heads + 2 kv_heads) x head])."""
-    if model_path is not None:
-        from passes.support.genai import genai_folder
-        folder = genai_folder(Path(model_path))
-        if folder is not None:
-            return {k: int(folder.decoder[k]) for k in ("head_size", "num_key_value_heads")
-                    if isinstance(folder.decoder.get(k), int)}
-    inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type != "GroupQueryAttention" or (len(node.input) > 1 and node.input[1]):
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        heads, kv = attrs.get("num_heads"), attrs.get("kv_num_heads")
-        qkv = producer.get(node.input[0])
-        weight = inits.get(qkv.input[1]) if qkv is not None and qkv.op_type == "MatMul" else None
-        if heads and kv and weight is not None and len(weight.dims) == 2 and weight.dims[1] % (heads + 2 * kv) == 0:
-            return {"head_size": int(weight.dims[1] // (heads + 2 * kv)), "num_key_value_heads": int(kv)}
-    return {}
 
 
 def feeds_for_tokens(model, ids: np.ndarray) -> dict[str, np.ndarray]:
