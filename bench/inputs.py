@@ -4,7 +4,7 @@ Turn text into an inputs file for --inputs (passes.analyze, passes.fuse, passes.
 the text is tokenized once and `rows` consecutive windows of `seq` tokens, starting `offset` tokens in, become
 `input_ids` [rows, seq] (int64). SOURCE is anything that carries a tokenizer: an HF folder, a .gguf file, an
 onnxruntime-genai folder (its tokenizer.json), or `smollm2`. --text @pydoc uses CPython's language reference
-(pydoc_data.topics, in every Python), when you have no text at hand. Use another --offset for held-out text
+(pydoc_data.topics, in every Python: models.text.pydoc_text), when you have no text at hand. Use another --offset for held-out text
 (evaluation inputs must not overlap the calibration inputs).
 
 OUT.npz holds input_ids only; the tools make an attention mask, position ids and empty KV caches for models that
@@ -19,17 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
+from models.text import PYDOC, pydoc_text
 from passes.support.errors import fail, run_cli
 from passes.support.outputs import Staging, check_output
 
-PYDOC = "@pydoc"
-
 
 def read_text(source: str) -> str:
-    """The text of a file (UTF-8), of standard input ("-"), or CPython's language reference (@pydoc)."""
+    """The text of a file (UTF-8), of standard input ("-"), or CPython's language reference (@pydoc:
+    models.text.pydoc_text)."""
     if source == PYDOC:
-        from pydoc_data.topics import topics
-        return "\n".join(topics[k] for k in sorted(topics))
+        return pydoc_text()
     if source == "-":
         return sys.stdin.read()
     path = Path(source)

@@ -29,9 +29,9 @@ DROP = 8                 # attention layers the ranking's cheapest become attent
 
 
 def text_tokens(batch: int, seq: int, vocab: int, offset: int = 0) -> np.ndarray:
-    """[batch, seq] int64 token ids for the byte-level presets: UTF-8 bytes of CPython's documentation text."""
-    from pydoc_data.topics import topics
-    data = np.frombuffer("\n".join(topics[k] for k in sorted(topics)).encode(), dtype=np.uint8)
+    """[batch, seq] int64 token ids for the byte-level presets: UTF-8 bytes of the @pydoc text (models.text)."""
+    from models.text import pydoc_text
+    data = np.frombuffer(pydoc_text().encode(), dtype=np.uint8)
     need = batch * seq
     return (data[offset:offset + need].astype(np.int64) % vocab).reshape(batch, seq)
 

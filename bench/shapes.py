@@ -6,7 +6,7 @@ the weights):
     python -m bench.shapes mini[-puzzle] -o DIR      # 8 layers, d 256: for trying the GPU scripts on a CPU
 
 Weights are drawn on the GPU when there is one (seconds for 8B), scaled so activations stay O(1) (linear layers
-N(0, 1/fan_in), norm gains 1 + N(0, 0.1^2)), and written with exporters.checkpoint.save_checkpoint (llama, or
+N(0, 1/fan_in), norm gains 1 + N(0, 0.1^2)), and written with models.checkpoint.save_checkpoint (llama, or
 nemotron-nas block_configs when layers differ) together with a small byte-level tokenizer, so onnxruntime-genai's
 model builder and exporters.export both read the folder.
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from exporters.checkpoint import save_checkpoint
+from models.checkpoint import save_checkpoint
 from models.config import DecoderConfig, LayerSpec
 from models.decoder import PuzzleDecoder
 from models.tokenizers import byte_level_tokenizer
 from passes.support.errors import fail, run_cli
+from passes.support.outputs import check_output_folder
 
 SHAPES = {   # name: (layers, hidden, FFN width, heads, KV heads, vocab); "-puzzle": attention removed in the middle half
     "llama8b": (32, 4096, 14336, 32, 8, 128256),
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     args = parser.parse_args(argv)
     out = Path(args.output)
-    if out.exists():
-        fail(f"{out} exists; give a new folder")
+    check_output_folder(out)
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_model(shape(args.shape), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], device)

@@ -16,7 +16,8 @@ The graph keeps every FFN in its natural form: RMSNorm as Pow, ReduceMean, Add e
 up; Sigmoid; Mul; Mul; MatMul down; residual Add. Both exporters name nodes /layers.3/ffn/gate_proj/MatMul and
 tensors <node>_output_<i>; MatMul weights are layers.3.ffn.gate_proj.weight_t ([in, out] layout). Output is written
 to a temporary folder next to MODEL.onnx, checked with onnx.checker and an onnxruntime CPU session, then renamed
-into place. The same source and options give byte-identical files.
+into place; the folder of MODEL.onnx (of DIR for --runtime genai / nemotron-nas) must exist (exit 2 otherwise). The
+same source and options give byte-identical files.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from models.decoder import DecodeStep, PuzzleDecoder
 from models.loaders import load_model, resolve_source
 from passes.support import onnx_io
 from passes.support.errors import UserError, run_cli
+from passes.support.outputs import check_output, check_output_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORTERS = ("torchscript", "dynamo")
@@ -260,9 +262,7 @@ def export_onnx(
     if exporter == "dynamo" and opset < 18:
         raise UserError(f"the dynamo exporter needs --opset >= 18 (got {opset})")
     out = Path(path).resolve()
-    if out.is_dir():
-        raise UserError(f"output {out} is a folder; give a file name like model.onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, "output")       # a file in an existing folder
     if next(model.parameters()).dtype != DTYPES[dtype]:
         model = copy.deepcopy(model).to(DTYPES[dtype])
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", choices=("onnx", "genai", "nemotron-nas"), default="onnx",
                         help="onnx: one ONNX file (default); genai: a folder onnxruntime-genai runs (-o DIR; see "
                              "exporters/genai.py); nemotron-nas: an HF checkpoint folder serving engines load with "
-                             "tensor parallelism (-o DIR; see exporters/checkpoint.py)")
+                             "tensor parallelism (-o DIR; see models/checkpoint.py)")
     parser.add_argument("--context-length", type=int, default=4096, help="--runtime genai: longest sequence (rotary tables)")
     parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda",
                         help="--runtime genai: execution provider named in genai_config.json")
@@ -360,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = _input_files(*resolve_source(args.source))
     if out in inputs or out.with_name(out.name + ".data") in inputs:
         raise UserError(f"output {args.output} would overwrite an input file")
+    if args.runtime == "onnx":
+        check_output(out, "output")           # before any work: a file in an existing folder
+    else:
+        check_output_folder(out, "output")    # a new or empty folder in an existing folder
     if args.runtime == "genai":
         return _export_genai(args, out, start)
     if args.runtime == "nemotron-nas":
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_checkpoint(args, out: Path, start: float) -> int:
-    from exporters.checkpoint import save_checkpoint, tp_constraints
+    from models.checkpoint import save_checkpoint, tp_constraints
     from models.loaders import load_tokenizer
     if args.graph != "prefill" or args.exporter != "torchscript" or args.opset is not None:
         raise UserError("--runtime nemotron-nas writes a checkpoint folder: --graph, --exporter and --opset do not apply")

@@ -90,113 +90,157 @@ class _Graph:
         return name
 
 
-def build_graph(model: PuzzleDecoder, context_length: int) -> tuple[onnx.ModelProto, dict[str, NewTensor], dict]:
-    """The genai decoder graph of `model`; returns (model proto with weight placeholders, weights, decoder facts)."""
-    config = model.config
-    dtype = next(model.parameters()).dtype
-    if dtype not in ONNX_TYPES:
-        raise UserError(f"model weights of type {dtype} cannot be exported for onnxruntime-genai")
-    g = _Graph(dtype)
-    T, hd, H, d = g.T, config.head_dim, config.num_heads, config.hidden_size
-    kv = kv_heads_for_cache(config)
-    eps = float(config.rms_norm_eps)
+class _Decoder:
+    """The genai decoder graph of one model, built layer by layer. The residual stream is `x`; `pending` is a
+    (stream, branch output) pair whose add the next norm fuses (SkipSimplifiedLayerNormalization, output 3 = the new
+    stream); `caches` lists the layers that got a KV cache, in cache order."""
 
-    one = g.constant("/model/constants/INT64/[1]", np.array([1], np.int64))
-    ones = g.node("ReduceSum", ["attention_mask", one], "/model/attn_mask_reformat/attn_mask_subgraph/ReduceSum", keepdims=0)[0]
-    sub = g.node("Sub", [ones, one], "/model/attn_mask_reformat/attn_mask_subgraph/Sub")[0]
-    seqlens_k = g.node("Cast", [sub], "/model/attn_mask_reformat/attn_mask_subgraph/Sub/Cast", to=TensorProto.INT32)[0]
-    shape = g.node("Shape", ["attention_mask"], "/model/attn_mask_reformat/attn_mask_subgraph/Shape")[0]
-    width = g.node("Gather", [shape, g.constant("/model/constants/INT64/1", np.array(1, np.int64))],
-                   "/model/attn_mask_reformat/attn_mask_subgraph/Gather", axis=0)[0]
-    total = g.node("Cast", [width], "/model/attn_mask_reformat/attn_mask_subgraph/Gather/Cast", to=TensorProto.INT32)[0]
-    positions = torch.arange(context_length, dtype=torch.float32)[:, None] * torch.tensor(model.inv_freq, dtype=torch.float32)[None]
-    cos = g.weight("cos_cache", positions.cos())
-    sin = g.weight("sin_cache", positions.sin())
+    def __init__(self, model: PuzzleDecoder, g: _Graph, context_length: int):
+        self.model, self.config, self.g = model, model.config, g
+        self.kv = kv_heads_for_cache(self.config)
+        self.eps = float(self.config.rms_norm_eps)
+        self.seqlens_k, self.total = self._mask_lengths()
+        positions = torch.arange(context_length, dtype=torch.float32)[:, None] * \
+            torch.tensor(model.inv_freq, dtype=torch.float32)[None]
+        self.cos = g.weight("cos_cache", positions.cos())
+        self.sin = g.weight("sin_cache", positions.sin())
+        self.embed = g.weight("model.embed_tokens.weight", model.embed_tokens.weight)
+        self.x = g.node("Gather", [self.embed, "input_ids"], "/model/embed_tokens/Gather")[0]
+        self.pending: tuple[str, str] | None = None
+        self.caches: list[int] = []
 
-    embed = g.weight("model.embed_tokens.weight", model.embed_tokens.weight)
-    x = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")[0]
-    pending: tuple[str, str] | None = None      # (stream, branch output) waiting to be added by the next norm
-    caches: list[int] = []
+    def _mask_lengths(self) -> tuple[str, str]:
+        """GroupQueryAttention's seqlens_k (attention_mask row sums - 1) and total_sequence_length (the mask's
+        width), int32, computed as the builder's attn_mask_reformat subgraph does."""
+        g, prefix = self.g, "/model/attn_mask_reformat/attn_mask_subgraph"
+        one = g.constant("/model/constants/INT64/[1]", np.array([1], np.int64))
+        ones = g.node("ReduceSum", ["attention_mask", one], f"{prefix}/ReduceSum", keepdims=0)[0]
+        sub = g.node("Sub", [ones, one], f"{prefix}/Sub")[0]
+        seqlens_k = g.node("Cast", [sub], f"{prefix}/Sub/Cast", to=TensorProto.INT32)[0]
+        shape = g.node("Shape", ["attention_mask"], f"{prefix}/Shape")[0]
+        width = g.node("Gather", [shape, g.constant("/model/constants/INT64/1", np.array(1, np.int64))],
+                       f"{prefix}/Gather", axis=0)[0]
+        total = g.node("Cast", [width], f"{prefix}/Gather/Cast", to=TensorProto.INT32)[0]
+        return seqlens_k, total
 
-    def norm(gain: torch.Tensor, prefix: str, weight_name: str) -> str:
-        nonlocal x, pending
-        gamma = g.weight(weight_name, gain)
-        if pending is None:     # nothing to add yet: the decomposed RMSNorm (onnxruntime fuses it)
+    def norm(self, gain: torch.Tensor, prefix: str, weight_name: str) -> str:
+        """RMSNorm of the stream (adding the pending branch first, fused); returns the normalized tensor."""
+        g, gamma = self.g, self.g.weight(weight_name, gain)
+        if self.pending is None:     # nothing to add yet: the decomposed RMSNorm (onnxruntime fuses it)
             build = NodeBuilder(prefix)
-            h = build.node("Mul", [build.rms_normalized(x, eps, T, OPSET), gamma], "norm/Mul")
+            h = build.node("Mul", [build.rms_normalized(self.x, self.eps, g.T, OPSET), gamma], "norm/Mul")
             g.nodes.extend(build.nodes)
             g.small.extend(build.initializers)
             return h
-        h, _, _, x = g.node("SkipSimplifiedLayerNormalization", [pending[0], pending[1], gamma], f"{prefix}/SkipLayerNorm",
-                            outputs=[f"{prefix}/output_0", "", "", f"{prefix}/output_3"], domain="com.microsoft", epsilon=eps)
-        pending = None
+        h, _, _, self.x = g.node("SkipSimplifiedLayerNormalization", [*self.pending, gamma], f"{prefix}/SkipLayerNorm",
+                                 outputs=[f"{prefix}/output_0", "", "", f"{prefix}/output_3"], domain="com.microsoft",
+                                 epsilon=self.eps)
+        self.pending = None
         return h
 
-    for i, layer in enumerate(model.layers):
-        base = f"/model/layers.{i}"
-        if layer.has_attention:
-            h = norm(layer.attn_norm.weight, f"{base}/input_layernorm", f"model.layers.{i}.input_layernorm.weight")
-            attn, layer_kv = layer.attn, config.kv_heads(i)
-            qkv = torch.cat([attn.q_proj.weight, repeat_kv_rows(attn.k_proj.weight, layer_kv, kv, hd),
-                             repeat_kv_rows(attn.v_proj.weight, layer_kv, kv, hd)]).t()
-            packed = g.node("MatMul", [h, g.weight(f"model.layers.{i}.attn.qkv_proj.MatMul.weight", qkv)],
-                            f"{base}/attn/qkv_proj/MatMul")[0]
-            j = len(caches)
-            caches.append(i)
-            out = g.node("GroupQueryAttention",
-                         [packed, "", "", f"past_key_values.{j}.key", f"past_key_values.{j}.value", seqlens_k, total, cos, sin],
-                         f"{base}/attn/GroupQueryAttention",
-                         outputs=[f"{base}/attn/GroupQueryAttention/output_0", f"present.{j}.key", f"present.{j}.value"],
-                         domain="com.microsoft", num_heads=H, kv_num_heads=kv, scale=1.0 / math.sqrt(hd),
-                         local_window_size=-1, softcap=0.0, do_rotary=1, rotary_interleaved=0)[0]
-            y = g.node("MatMul", [out, g.weight(f"model.layers.{i}.attn.o_proj.MatMul.weight", attn.o_proj.weight.t())],
-                       f"{base}/attn/o_proj/MatMul")[0]
-            pending = (x, y)
-        if layer.has_ffn:
-            h = norm(layer.ffn_norm.weight, f"{base}/post_attention_layernorm", f"model.layers.{i}.post_attention_layernorm.weight")
-            ffn = layer.ffn
-            gate = g.node("MatMul", [h, g.weight(f"model.layers.{i}.mlp.gate_proj.MatMul.weight", ffn.gate_proj.weight.t())],
-                          f"{base}/mlp/gate_proj/MatMul")[0]
-            up = g.node("MatMul", [h, g.weight(f"model.layers.{i}.mlp.up_proj.MatMul.weight", ffn.up_proj.weight.t())],
-                        f"{base}/mlp/up_proj/MatMul")[0]
-            sig = g.node("Sigmoid", [gate], f"{base}/mlp/act_fn/Sigmoid")[0]
-            silu = g.node("Mul", [gate, sig], f"{base}/mlp/act_fn/Mul")[0]
-            act = g.node("Mul", [silu, up], f"{base}/mlp/Mul")[0]
-            y = g.node("MatMul", [act, g.weight(f"model.layers.{i}.mlp.down_proj.MatMul.weight", ffn.down_proj.weight.t())],
-                       f"{base}/mlp/down_proj/MatMul")[0]
-            pending = (x, y)
-    final = f"/model/layers.{len(model.layers)}/final_norm_layernorm"
-    if pending is not None:
-        h = g.node("SkipSimplifiedLayerNormalization", [pending[0], pending[1], g.weight(
-            f"model.layers.{len(model.layers)}.final_norm_layernorm.weight", model.norm.weight)], f"{final}/SkipLayerNorm",
-            outputs=[f"{final}/output_0"], domain="com.microsoft", epsilon=eps)[0]
-    else:
-        h = norm(model.norm.weight, final, f"model.layers.{len(model.layers)}.final_norm_layernorm.weight")
-    logits_type = TensorProto.FLOAT if T == TensorProto.BFLOAT16 else T
-    if config.tie_word_embeddings:
-        head = g.node("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])[0]
-    else:
-        head = g.weight("lm_head.MatMul.weight", model.lm_head.weight.t())
-    logits = g.node("MatMul", [h, head], "/lm_head/MatMul", outputs=["logits" if logits_type == T else "/lm_head/MatMul/output_0"])[0]
-    if logits != "logits":
-        g.node("Cast", [logits], "/lm_head/Cast", outputs=["logits"], to=logits_type)
+    def attention(self, i: int) -> None:
+        """Layer i's attention: norm, packed q|k|v MatMul (K/V heads repeated up to the cache's count),
+        GroupQueryAttention on the next KV cache, o_proj MatMul; its output is left pending."""
+        g, config, layer, base = self.g, self.config, self.model.layers[i], f"/model/layers.{i}"
+        hd, H = config.head_dim, config.num_heads
+        h = self.norm(layer.attn_norm.weight, f"{base}/input_layernorm", f"model.layers.{i}.input_layernorm.weight")
+        attn, layer_kv = layer.attn, config.kv_heads(i)
+        qkv = torch.cat([attn.q_proj.weight, repeat_kv_rows(attn.k_proj.weight, layer_kv, self.kv, hd),
+                         repeat_kv_rows(attn.v_proj.weight, layer_kv, self.kv, hd)]).t()
+        packed = g.node("MatMul", [h, g.weight(f"model.layers.{i}.attn.qkv_proj.MatMul.weight", qkv)],
+                        f"{base}/attn/qkv_proj/MatMul")[0]
+        j = len(self.caches)
+        self.caches.append(i)
+        out = g.node("GroupQueryAttention",
+                     [packed, "", "", f"past_key_values.{j}.key", f"past_key_values.{j}.value", self.seqlens_k, self.total,
+                      self.cos, self.sin],
+                     f"{base}/attn/GroupQueryAttention",
+                     outputs=[f"{base}/attn/GroupQueryAttention/output_0", f"present.{j}.key", f"present.{j}.value"],
+                     domain="com.microsoft", num_heads=H, kv_num_heads=self.kv, scale=1.0 / math.sqrt(hd),
+                     local_window_size=-1, softcap=0.0, do_rotary=1, rotary_interleaved=0)[0]
+        y = g.node("MatMul", [out, g.weight(f"model.layers.{i}.attn.o_proj.MatMul.weight", attn.o_proj.weight.t())],
+                   f"{base}/attn/o_proj/MatMul")[0]
+        self.pending = (self.x, y)
 
-    cache_shape = ["batch_size", kv, "past_sequence_length", hd]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", logits_type, ["batch_size", "sequence_length", config.vocab_size])]
-    for kind in ("key", "value"):
-        inputs += [helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", T, cache_shape) for j in range(len(caches))]
-        outputs += [helper.make_tensor_value_info(f"present.{j}.{kind}", T, ["batch_size", kv, "total_sequence_length", hd])
-                    for j in range(len(caches))]
-    initializers = g.small + [TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in g.weights.values()]
-    graph = helper.make_graph(g.nodes, "genai_decoder", inputs, outputs, initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="exporters.genai")
-    proto.ir_version = 10
-    facts = {"head_size": hd, "hidden_size": d, "num_attention_heads": H, "num_hidden_layers": len(caches),
-             "num_key_value_heads": kv, "vocab_size": config.vocab_size, "attention_layers": caches}
-    return proto, g.weights, facts
+    def ffn(self, i: int) -> None:
+        """Layer i's FFN: norm, SwiGLU (gate and up MatMul, Sigmoid, Mul, Mul, down MatMul); its output is left pending."""
+        g, ffn, base = self.g, self.model.layers[i].ffn, f"/model/layers.{i}"
+        h = self.norm(self.model.layers[i].ffn_norm.weight, f"{base}/post_attention_layernorm",
+                      f"model.layers.{i}.post_attention_layernorm.weight")
+
+        def matmul(x: str, proj: str, weight: torch.Tensor) -> str:
+            return g.node("MatMul", [x, g.weight(f"model.layers.{i}.mlp.{proj}.MatMul.weight", weight.t())],
+                          f"{base}/mlp/{proj}/MatMul")[0]
+        gate = matmul(h, "gate_proj", ffn.gate_proj.weight)
+        up = matmul(h, "up_proj", ffn.up_proj.weight)
+        sig = g.node("Sigmoid", [gate], f"{base}/mlp/act_fn/Sigmoid")[0]
+        silu = g.node("Mul", [gate, sig], f"{base}/mlp/act_fn/Mul")[0]
+        act = g.node("Mul", [silu, up], f"{base}/mlp/Mul")[0]
+        self.pending = (self.x, matmul(act, "down_proj", ffn.down_proj.weight))
+
+    def final_norm(self) -> str:
+        """The last norm (adding the last pending branch; its stream output is not needed)."""
+        n = len(self.model.layers)
+        prefix, name = f"/model/layers.{n}/final_norm_layernorm", f"model.layers.{n}.final_norm_layernorm.weight"
+        if self.pending is None:
+            return self.norm(self.model.norm.weight, prefix, name)
+        return self.g.node("SkipSimplifiedLayerNormalization", [*self.pending, self.g.weight(name, self.model.norm.weight)],
+                           f"{prefix}/SkipLayerNorm", outputs=[f"{prefix}/output_0"], domain="com.microsoft",
+                           epsilon=self.eps)[0]
+
+    def lm_head(self, h: str) -> int:
+        """logits = h @ lm_head (Transpose(E) when tied), cast to float32 for bf16 models; returns the logits' type."""
+        g = self.g
+        logits_type = TensorProto.FLOAT if g.T == TensorProto.BFLOAT16 else g.T
+        if self.config.tie_word_embeddings:
+            head = g.node("Transpose", [self.embed], "/lm_head/Transpose", perm=[1, 0])[0]
+        else:
+            head = g.weight("lm_head.MatMul.weight", self.model.lm_head.weight.t())
+        logits = g.node("MatMul", [h, head], "/lm_head/MatMul",
+                        outputs=["logits" if logits_type == g.T else "/lm_head/MatMul/output_0"])[0]
+        if logits != "logits":
+            g.node("Cast", [logits], "/lm_head/Cast", outputs=["logits"], to=logits_type)
+        return logits_type
+
+    def proto(self, logits_type: int) -> onnx.ModelProto:
+        """The model: input_ids, attention_mask and the past caches in; logits and the present caches out."""
+        g, hd, kv, n = self.g, self.config.head_dim, self.kv, len(self.caches)
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", logits_type, ["batch_size", "sequence_length", self.config.vocab_size])]
+        for kind in ("key", "value"):
+            inputs += [helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", g.T, ["batch_size", kv, "past_sequence_length", hd])
+                       for j in range(n)]
+            outputs += [helper.make_tensor_value_info(f"present.{j}.{kind}", g.T, ["batch_size", kv, "total_sequence_length", hd])
+                        for j in range(n)]
+        initializers = g.small + [TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in g.weights.values()]
+        graph = helper.make_graph(g.nodes, "genai_decoder", inputs, outputs, initializers)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="exporters.genai")
+        proto.ir_version = 10
+        return proto
+
+    def facts(self) -> dict:
+        """What genai_config.json states about the decoder."""
+        config = self.config
+        return {"head_size": config.head_dim, "hidden_size": config.hidden_size, "num_attention_heads": config.num_heads,
+                "num_hidden_layers": len(self.caches), "num_key_value_heads": self.kv, "vocab_size": config.vocab_size,
+                "attention_layers": self.caches}
+
+
+def build_graph(model: PuzzleDecoder, context_length: int) -> tuple[onnx.ModelProto, dict[str, NewTensor], dict]:
+    """The genai decoder graph of `model`; returns (model proto with weight placeholders, weights, decoder facts)."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in ONNX_TYPES:
+        raise UserError(f"model weights of type {dtype} cannot be exported for onnxruntime-genai")
+    decoder = _Decoder(model, _Graph(dtype), context_length)
+    for i, layer in enumerate(model.layers):
+        if layer.has_attention:
+            decoder.attention(i)
+        if layer.has_ffn:
+            decoder.ffn(i)
+    logits_type = decoder.lm_head(decoder.final_norm())
+    return decoder.proto(logits_type), decoder.g.weights, decoder.facts()
 
 
 def genai_config(facts: dict, tokenizer, context_length: int, provider: str) -> dict:

@@ -103,6 +103,13 @@ def test_engine_build_stops_on_ctrl_c(mid_model, tmp_path):
     (["bench.engine", "{model}", "-o", "{tmp}/m.engine", "--json", "{tmp}/missing/m.json"], "does not exist"),
     (["bench.compare", "{model}", "{model}", "--json", "{tmp}"], "is a folder"),
     (["bench.inputs", "--text", "@pydoc", "--tokenizer", "smollm2", "-o", "{tmp}/missing/c.npz"], "does not exist"),
+    (["exporters.export", "puzzle-tiny", "-o", "{tmp}/missing/m.onnx"], "/missing does not exist"),
+    (["exporters.export", "puzzle-tiny", "-o", "{tmp}/missing/g", "--runtime", "genai"], "/missing does not exist"),
+    (["exporters.export", "puzzle-tiny", "-o", "{tmp}/missing/n", "--runtime", "nemotron-nas"],
+     "/missing does not exist"),
+    (["models.heal", "puzzle-tiny", "-o", "{tmp}/missing/h", "--drop", "1", "--steps", "1"], "/missing does not exist"),
+    (["models.heal", "puzzle-tiny", "-o", "{tmp}/h", "--drop", "1", "--steps", "1", "--report", "{tmp}/missing/r.json"],
+     "does not exist"),
 ])
 def test_outputs_checked_before_any_work(mid_model, tmp_path, argv, message):
     model, _ = mid_model

@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters.checkpoint import save_checkpoint
 from exporters.export import decode_io, export_onnx
 from models import build_preset, load_model
+from models.checkpoint import save_checkpoint
 from models.decoder import DecodeStep
 from tests.helpers import random_ids, rel_err, session
 

@@ -12,9 +12,9 @@ import onnx
 import pytest
 import torch
 
-from exporters.checkpoint import save_checkpoint
 from exporters.export import export_onnx, ort_cpu_runs_bf16
 from models import PRESETS, build_preset, load_model
+from models.checkpoint import save_checkpoint
 from passes.support import onnx_io
 from passes.support.errors import UserError
 from tests.helpers import random_ids, rel_err, session
@@ -78,6 +78,7 @@ def test_cli_exports_nemotron_folder_with_summary(tmp_path):
     model, _ = build_preset("puzzle-small")
     folder = save_checkpoint(model, tmp_path / "nemo")
     out = tmp_path / "out" / "nemo.onnx"
+    out.parent.mkdir()          # the output's folder must exist (a missing one is refused: test_cli_behaviour)
     result = subprocess.run(
         [sys.executable, "-m", "exporters.export", str(folder), "-o", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -87,6 +88,13 @@ def test_cli_exports_nemotron_folder_with_summary(tmp_path):
     assert "onnxruntime CPU loads it" in result.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["nemo.onnx"]  # no temporary files left
     assert_matches(out, model, 1e-5)
+
+
+def test_export_onnx_refuses_a_missing_folder(tmp_path):
+    model, _ = build_preset("puzzle-tiny")
+    with pytest.raises(UserError, match=f"output folder {tmp_path / 'missing'} does not exist"):
+        export_onnx(model, tmp_path / "missing" / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_smollm2_gguf_fp32(tmp_path):

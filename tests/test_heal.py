@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from exporters.checkpoint import engine_width, save_checkpoint, tp_constraints
 from exporters.export import export_onnx
+from models.checkpoint import engine_width, save_checkpoint, tp_constraints
 from models.fused import drop_and_fuse
+from models.heal import HealConfig, parse_config, run_heal
 from models.heal import main as heal_main
 from models.loaders import load_model
 from models.presets import build_preset
@@ -96,10 +97,23 @@ def heal_args(out, *extra):
             "--save-every", "0", *extra]
 
 
+def heal_config(out, **extra) -> HealConfig:
+    """heal_args as a HealConfig (the library's call)."""
+    settings = dict(drop="1,8", fuse="1-3,7-9", batch=8, seq=64, pool=64, eval_tokens=512, eval_every=10, warmup=5,
+                    lr=1e-3, save_every=0)
+    return HealConfig("puzzle-tiny", out, **{**settings, **extra})
+
+
+def test_heal_config_has_the_cli_defaults(tmp_path):
+    assert parse_config(["puzzle-tiny", "-o", "X"]) == HealConfig("puzzle-tiny", "X")
+    assert parse_config(heal_args(tmp_path / "h", "--steps", "3", "--text", "a", "b", "--no-bf16")) == \
+        heal_config(str(tmp_path / "h"), steps=3, text=("a", "b"), bf16=False)
+
+
 def test_heal_few_steps_on_cpu(tmp_path):
     out, report = tmp_path / "healed", tmp_path / "heal.json"
-    assert heal_main(heal_args(out, "--steps", "30", "--hidden-weight", "0.1", "--report", str(report),
-                               "--onnx", str(tmp_path / "healed.onnx"))) == 0
+    assert heal_main(heal_args(out, "--steps", "30", "--hidden-weight", "0.1", "--report", str(report))) == 0
+    export_onnx(load_model(str(out)), tmp_path / "healed.onnx", "fp32")    # the healed folder's ONNX (exporters)
     record = json.loads(report.read_text())
     curve = record["curve"]
     assert [c["step"] for c in curve] == [0, 10, 20, 30]
@@ -124,6 +138,19 @@ def test_heal_few_steps_on_cpu(tmp_path):
     assert heal_main(heal_args(out, "--steps", "40", "--resume", "--report", str(report))) == 0
     curve = json.loads(report.read_text())["curve"]
     assert [c["step"] for c in curve] == [0, 10, 20, 30, 40]
+
+
+def test_run_heal_as_a_library(tmp_path):
+    result = run_heal(heal_config(tmp_path / "healed", steps=2, eval_every=1))
+    assert result.output == tmp_path / "healed" and (result.output / "config.json").is_file()
+    assert result.state == tmp_path / "healed.state" and (result.state / "state.pt").is_file()
+    assert [c["step"] for c in result.record["curve"]] == [0, 1, 2] and result.after == result.record["curve"][-1]
+    assert result.before["step"] == 0 and result.teacher_perplexity > 1
+    ids = random_ids(result.student.config.vocab_size)
+    with torch.no_grad():      # the returned student is the healed model (unpadded), the folder its padded form
+        assert rel_err(load_model(str(result.output))(ids), result.student(ids)) < 1e-6
+    assert [s.ffn_width for s in result.student.config.layers] == [256, None, None, 576, 64, 192, 320, None, None, None,
+                                                                   576, 256]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from exporters.checkpoint import save_checkpoint
 from models import PRESETS, build_preset, load_model, load_tokenizer, smollm2_gguf_path
+from models.checkpoint import save_checkpoint
 from passes.support.errors import UserError
 from tests.helpers import random_ids, rel_err
 

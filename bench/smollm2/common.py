@@ -68,8 +68,8 @@ def groups_spec(groups) -> str:
 
 
 def corpus_text() -> str:
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    from models.text import pydoc_text
+    return pydoc_text()
 
 
 def corpus_ids() -> np.ndarray:

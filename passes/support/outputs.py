@@ -128,10 +128,7 @@ def staged_folder(folder: Path, what: str = "output"):
     """A temporary folder beside `folder` (which must be new or empty) for the caller to fill; renamed into place
     when the block ends without an error, removed otherwise."""
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        fail(f"{what} {folder} exists and is not an empty folder; give a new folder")
-    if not folder.parent.is_dir():
-        fail(f"{what} folder {folder.parent} does not exist")
+    check_output_folder(folder, what)
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         yield stage
@@ -142,3 +139,12 @@ def staged_folder(folder: Path, what: str = "output"):
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
+
+def check_output_folder(folder: Path, what: str = "output") -> None:
+    """Refuse (UserError) an output folder that exists and is not an empty folder, or whose parent folder does not
+    exist (the folder sibling of check_output, for before any work; the folder itself is made by staged_folder)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        fail(f"{what} {folder} exists and is not an empty folder; give a new folder")
+    if not folder.parent.is_dir():
+        fail(f"{what} folder {folder.parent} does not exist")

@@ -1,6 +1,6 @@
 """Any PuzzleDecoder (original, attention dropped, fused, healed) as an HF checkpoint folder that serving engines
 load for tensor parallelism (vLLM, SGLang and TensorRT-LLM read the nemotron-nas layout), and that
-models.loaders reads back to identical logits:
+models.loaders (beside this writer) reads back to identical logits:
 
     python -m exporters.export SOURCE -o DIR --runtime nemotron-nas
 
@@ -107,10 +107,10 @@ def _padded_config(config: DecoderConfig) -> DecoderConfig:
 def save_checkpoint(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=None, *, layout: str = "auto",
                     shard_bytes: int = SHARD_BYTES) -> Path:
     """Write config.json, the safetensors (sharded above shard_bytes) and the tokenizer files into the new or
-    empty `folder`, made in a temporary folder beside it and renamed into place."""
+    empty `folder`, made in a temporary folder beside it and renamed into place. The folder's parent must exist
+    (UserError otherwise: passes.support.outputs.staged_folder)."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(folder) as stage:
         raw = hf_config(model.config, layout)
         nas = raw["model_type"] == "nemotron-nas"
