@@ -340,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exporters.export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="preset name, smollm2, HF checkpoint folder or .gguf file")
     parser.add_argument("-o", "--output", required=True, help="output MODEL.onnx")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=[*DTYPES, "int4"], default="fp32",
+                        help="int4 (--runtime genai only): MatMul weights block-quantized as the model builder's "
+                             "-p int4 does (passes.quantize: block 32, symmetric, accuracy_level 4, lm_head included, "
+                             "embeddings float); activations fp16 for --provider cuda, fp32 for cpu")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 for dynamo)")
     parser.add_argument("--external-data", choices=["auto", "always", "never"], default="auto")
     parser.add_argument("--exporter", choices=list(EXPORTERS), default="torchscript")
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output(out, "output")           # before any work: a file in an existing folder
     else:
         check_output_folder(out, "output")    # a new or empty folder in an existing folder
+    if args.dtype == "int4" and args.runtime != "genai":
+        raise UserError("--dtype int4 is for --runtime genai (or quantize any ONNX model with python -m passes.quantize)")
     if args.runtime == "genai":
         return _export_genai(args, out, start)
     if args.runtime == "nemotron-nas":
@@ -409,16 +414,23 @@ def _export_checkpoint(args, out: Path, start: float) -> int:
 
 
 def _export_genai(args, out: Path, start: float) -> int:
-    from exporters.genai import export_genai
+    from exporters.genai import export_genai, quantize_genai
     from models.loaders import load_tokenizer
     if args.graph != "prefill" or args.exporter != "torchscript" or args.opset is not None:
         raise UserError("--runtime genai writes its own decoder graph (KV cache included): --graph, --exporter and "
                         "--opset do not apply")
     if args.context_length < 1:
         raise UserError(f"--context-length must be positive, got {args.context_length}")
-    model = load_model(args.source, DTYPES[args.dtype])
+    int4 = args.dtype == "int4"
+    dtype = ("fp16" if args.provider == "cuda" else "fp32") if int4 else args.dtype
+    model = load_model(args.source, DTYPES[dtype])
     tokenizer = load_tokenizer(args.source)
-    folder = export_genai(model, out, tokenizer, context_length=args.context_length, provider=args.provider)
+    if int4:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.float.") as scratch:
+            export_genai(model, Path(scratch) / "float", tokenizer, context_length=args.context_length, provider=args.provider)
+            folder = quantize_genai(Path(scratch) / "float", out)
+    else:
+        folder = export_genai(model, out, tokenizer, context_length=args.context_length, provider=args.provider)
     config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     sizes = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
     print(f"exported {args.source} -> {folder}/ for onnxruntime-genai ({args.dtype}, {args.provider})")

@@ -30,9 +30,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.config import DecoderConfig
 from models.decoder import PuzzleDecoder
+from passes.ffn.int4 import QuantConfig, quantize_matmuls
 from passes.support.builder import NodeBuilder
 from passes.support.errors import UserError
-from passes.support.onnx_io import ModelOutput, NewTensor, save_model
+from passes.support.onnx_io import ModelOutput, NewTensor, load_model, save_model
 from passes.support.outputs import staged_folder
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
@@ -290,4 +291,15 @@ def export_genai(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=None
             tokenizer.save_pretrained(files)
             extra.update({path.name: path for path in sorted(Path(files).iterdir())})
         save_model(ModelOutput(proto, stage, dict(weights)), stage / MODEL, external=True, extra_files=extra)
+    return Path(folder)
+
+
+def quantize_genai(source: str | os.PathLike, folder: str | os.PathLike, config: QuantConfig = QuantConfig()) -> Path:
+    """The onnxruntime-genai folder `source` with its MatMul weights block-quantized (passes.ffn.int4.quantize_matmuls,
+    the model builder's int4 defaults), written to `folder` (new or empty) with the same config and tokenizer files."""
+    model = load_model(Path(source) / MODEL)
+    output, _ = quantize_matmuls(model, config)
+    extra = {p.name: p for p in sorted(Path(source).iterdir()) if p.name not in (MODEL, MODEL + ".data")}
+    with staged_folder(Path(folder)) as stage:
+        save_model(output, stage / MODEL, external=True, extra_files=extra)
     return Path(folder)

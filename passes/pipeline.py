@@ -9,7 +9,7 @@ the result verified, and `fuse_file` does all of it for a path. The fuse CLI and
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from passes.ffn.match import match_ffn_blocks
@@ -22,6 +22,7 @@ from passes.ffn.plan import (
     paper_rule,
     plan_by_budget,
     plan_from_metrics,
+    why_not_fusable,
 )
 from passes.ffn.rewrite import fuse_groups, group_prefixes
 from passes.ffn.structure import ModelStructure, count, model_structure
@@ -70,6 +71,7 @@ class Chosen:
     groups: list[Group]
     plan: str                  # Plan.describe()
     auto: dict | None          # what --plan auto measured (None for the other rules)
+    skipped: list[dict] = field(default_factory=list)   # {"group", "reason"}: what the paper rule could not fuse exactly
 
 
 @dataclass
@@ -85,7 +87,14 @@ def choose_groups(model: LoadedModel, structure: ModelStructure, plan: Plan, cal
     if plan.rule == "groups":
         return Chosen(list(plan.groups), plan.describe(), None)
     if plan.rule == "paper":
-        return Chosen(paper_rule(structure.chains, plan.max_group), plan.describe(), None)
+        groups, skipped = [], []
+        for group in paper_rule(structure.chains, plan.max_group):
+            reason = why_not_fusable([structure.blocks[o] for o in group.ordinals])
+            if reason:
+                skipped.append({"group": [group.first, group.last], "reason": reason})
+            else:
+                groups.append(group)
+        return Chosen(groups, plan.describe(), None, skipped)
     if calib is None:
         raise ValueError("rule 'auto' needs calibration inputs")
     groups, auto = auto_plan(model, structure, calib, max_cost=plan.max_kl, target_depth=plan.target_depth,
@@ -100,7 +109,7 @@ def fuse_model(model: LoadedModel, structure: ModelStructure, groups: list[Group
     if max_group is not None and any(len(g) > max_group for g in groups):
         fail(f"group {next(g for g in groups if len(g) > max_group)} has more than --max-group {max_group} blocks")
     prefixes = group_prefixes(model.proto.graph, groups)
-    output = fuse_groups(model, structure.blocks, groups, merge_gate_up=merge_gate_up)
+    output, requantized = fuse_groups(model, structure.blocks, groups, merge_gate_up=merge_gate_up)
     blocks = structure.blocks
     report = {
         "merge_gate_up": merge_gate_up,
@@ -108,6 +117,8 @@ def fuse_model(model: LoadedModel, structure: ModelStructure, groups: list[Group
         "groups": [[g.first, g.last] for g in groups],
         "fused": [{"group": [g.first, g.last], "width": sum(blocks[o].width for o in g.ordinals), "prefix": prefixes[g],
                    "replaced_nodes": [n for o in g.ordinals for n in blocks[o].node_names]} for g in groups],
+        **({"requantized": [{"group": [g.first, g.last], **asdict(r)} for g, notes in requantized.items() for r in notes]}
+           if any(requantized.values()) else {}),
         "before": asdict(count(model.proto, blocks)),
         "after": asdict(count(output.proto, match_ffn_blocks(output.proto).blocks)),
     }

@@ -2,14 +2,18 @@
 
 Reading: `linear_producing(index, t)` parses t = input @ W (+ b) back from t, `linear_consuming` the single linear
 layer reading t, `packed_gate_up` gate and up as two halves of one layer cut by Split. The op that holds the
-weight is looked up in `LINEAR_READERS` (op type -> reader): MatMul with a constant weight (behind Identity,
-Transpose(perm=[1,0]) and Cast), and Gemm(alpha=beta=1, transA=0, optional transB and bias C). A new kind of
-linear layer (such as com.microsoft MatMulNBits) is one more reader, one more writer and its `Weights` access.
+weight is looked up in `LINEAR_READERS` (op type -> reader):
+  MatMul        a constant weight (WeightRef: behind Identity, Transpose(perm=[1,0]) and Cast);
+  Gemm          alpha = beta = 1, transA = 0, optional transB and bias C;
+  MatMulNBits   (com.microsoft) a block-quantized int4 / int8 weight (NBitsRef: B, scales, optional zero points,
+                K, N, bits, block size, accuracy level; passes.support.nbits), optional bias, no g_idx.
+A new kind of linear layer is one more reader, its `Weights` access and its writer (passes.ffn.rewrite).
 
-Values: `Weights` reads the effective weight values (transpose, cast and column slice applied) a row range at a
-time from memory-mapped storage.
+Values: `Weights` reads the effective weight values (transpose, cast, column slice and dequantization applied) a
+row range at a time from memory-mapped storage.
 
-Writing: `write_linear` emits y = x @ W (+ b) for a new weight as MatMul (+ Add).
+Writing: `write_linear` emits y = x @ W (+ b) for a new float weight as MatMul (+ Add), `write_nbits` for a new
+quantized one as MatMulNBits (`write_nbits_pieces`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from passes.support import nbits
 from passes.support.builder import NodeBuilder
 from passes.support.errors import fail
 from passes.support.graph import GraphIndex, attribute
@@ -37,12 +42,44 @@ from passes.support.patterns import (
 )
 
 
+@dataclass(frozen=True)
+class NBitsRef:
+    """A MatMulNBits weight W [K, N] (passes.support.nbits): initializers `name` (B), `scales`, `zero_points`
+    (None: symmetric), and the node's attributes. `columns` [c0, c1) selects a slice of N (a packed gate|up half)."""
+    name: str
+    scales: str
+    zero_points: str | None
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    accuracy_level: int
+    scale_type: int
+    columns: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n if self.columns is None else self.columns[1] - self.columns[0])
+
+    @property
+    def data_type(self) -> int:
+        return self.scale_type
+
+    @property
+    def quantization(self) -> tuple[int, int, bool]:
+        """(bits, block size, symmetric): what weights fused into one MatMulNBits must share."""
+        return self.bits, self.block_size, self.zero_points is None
+
+
+Weight = WeightRef | NBitsRef
+
+
 @dataclass
 class Linear:
     """output = input @ weight (+ bias), computed by `nodes`."""
     input: str
     output: str          # after the bias, if any
-    weight: WeightRef
+    weight: Weight
     bias: WeightRef | None
     nodes: list[int]
 
@@ -73,7 +110,32 @@ def _read_gemm(index: GraphIndex, j: int, node: onnx.NodeProto, has_bias: bool):
     return weight, bias, nodes
 
 
-LINEAR_READERS: dict[str, Reader] = {"MatMul": _read_matmul, "Gemm": _read_gemm}
+def _read_matmul_nbits(index: GraphIndex, j: int, node: onnx.NodeProto, has_bias: bool):
+    label = index.node_label(j)
+    if node.domain != "com.microsoft":
+        raise NoMatch(label, f"MatMulNBits of domain '{node.domain}' is not onnxruntime's")
+    if has_bias:
+        raise NoMatch(label, "MatMulNBits followed by a bias Add")
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    if inputs[4]:
+        raise NoMatch(label, "MatMulNBits with g_idx (act-order) cannot be concatenated block by block")
+    bits, block_size = attribute(node, "bits", 4), attribute(node, "block_size")
+    if bits not in (4, 8) or not block_size:
+        raise NoMatch(label, f"MatMulNBits with bits={bits}, block_size={block_size} is not supported (bits 4 or 8)")
+    for slot, what in ((1, "B"), (2, "scales")) + (((3, "zero points"),) if inputs[3] else ()):
+        if inputs[slot] not in index.initializers:
+            raise NoMatch(label, f"MatMulNBits {what} '{inputs[slot]}' is not an initializer")
+    if inputs[3] and index.initializers[inputs[3]].data_type != TensorProto.UINT8:
+        raise NoMatch(label, "MatMulNBits zero points of a float type are not supported (uint8 only)")
+    weight = NBitsRef(inputs[1], inputs[2], inputs[3] or None, attribute(node, "K"), attribute(node, "N"), bits,
+                      block_size, attribute(node, "accuracy_level", 0), index.initializers[inputs[2]].data_type)
+    bias, nodes = None, []
+    if inputs[5]:
+        bias, nodes = weight_ref(index, inputs[5], label, rank=1)
+    return weight, bias, nodes
+
+
+LINEAR_READERS: dict[str, Reader] = {"MatMul": _read_matmul, "Gemm": _read_gemm, "MatMulNBits": _read_matmul_nbits}
 KINDS = " or ".join(LINEAR_READERS)
 
 
@@ -110,7 +172,7 @@ def linear_consuming(index: GraphIndex, tensor: str, where: str) -> Linear:
                                            f"as its first input, found {node.op_type}")
     out = node.output[0]
     users = index.consumer_ids(out)
-    if len(users) == 1 and not index.is_graph_output(out) and node.op_type == "MatMul":
+    if len(users) == 1 and not index.is_graph_output(out) and node.op_type in ("MatMul", "MatMulNBits"):
         k = users[0]
         add = index.node(k)
         if add.op_type == "Add" and is_vector_weight(index, other_input(add, out, index.node_label(k))):
@@ -152,12 +214,22 @@ class Weights:
     tensors: dict[str, TensorProto]
     base_dir: Path
 
-    def rows(self, ref: WeightRef, r0: int, r1: int) -> np.ndarray:
+    def rows(self, ref: Weight, r0: int, r1: int) -> np.ndarray:
+        if isinstance(ref, NBitsRef):
+            return nbits.dequantize(self.quantized(ref), ref.columns)[r0:r1].astype(np_dtype(ref.data_type))
         stored = tensor_array(self.tensors[ref.name], self.base_dir)
         rows = stored[:, r0:r1].T if ref.transposed else stored[r0:r1]
         if ref.columns is not None:
             rows = rows[:, ref.columns[0]:ref.columns[1]]
         return np.array(rows, dtype=np_dtype(ref.data_type))
+
+    def block(self, ref: WeightRef, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Rows r0:r1 and columns c0:c1 of the effective (float) weight, in float32."""
+        stored = tensor_array(self.tensors[ref.name], self.base_dir)
+        if ref.columns is not None:
+            c0, c1 = c0 + ref.columns[0], c1 + ref.columns[0]
+        part = stored[c0:c1, r0:r1].T if ref.transposed else stored[r0:r1, c0:c1]
+        return np.asarray(part).astype(np_dtype(ref.data_type)).astype(np.float32)
 
     def vector(self, ref: WeightRef | None, size: int, dtype: np.dtype) -> np.ndarray:
         if ref is None:
@@ -167,17 +239,31 @@ class Weights:
             value = value[ref.columns[0]:ref.columns[1]]
         return np.array(value, dtype=np_dtype(ref.data_type)).astype(dtype)
 
-    def check(self, ref: WeightRef | None) -> None:
+    def quantized(self, ref: NBitsRef) -> nbits.Quantized:
+        """The stored MatMulNBits weight (all N columns) as arrays."""
+        zp = None if ref.zero_points is None else tensor_array(self.tensors[ref.zero_points], self.base_dir)
+        return nbits.from_arrays(tensor_array(self.tensors[ref.name], self.base_dir),
+                                 tensor_array(self.tensors[ref.scales], self.base_dir), zp, ref.k, ref.n, ref.bits,
+                                 ref.block_size)
+
+    def check(self, ref: Weight | None) -> None:
         """Refuse (UserError) an inline initializer whose data does not fill its dims: the model is corrupt.
         External data was checked against its file when the model was loaded."""
-        tensor = None if ref is None else self.tensors[ref.name]
-        if tensor is None or tensor.data_location == TensorProto.EXTERNAL:
-            return
-        try:
-            numpy_helper.to_array(tensor)
-        except Exception as exc:
-            fail(f"initializer '{ref.name}' is corrupt: its data does not fit dims {list(tensor.dims)} "
-                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        names = [] if ref is None else [ref.name] + ([ref.scales, ref.zero_points] if isinstance(ref, NBitsRef) else [])
+        for name in filter(None, names):
+            tensor = self.tensors[name]
+            if tensor.data_location == TensorProto.EXTERNAL:
+                continue
+            try:
+                numpy_helper.to_array(tensor)
+            except Exception as exc:
+                fail(f"initializer '{name}' is corrupt: its data does not fit dims {list(tensor.dims)} "
+                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        if isinstance(ref, NBitsRef):
+            try:
+                self.quantized(ref)
+            except ValueError as exc:
+                fail(f"MatMulNBits weight '{ref.name}' does not fit K={ref.k}, N={ref.n}, block_size={ref.block_size}: {exc}")
 
     def gain(self, gains: tuple[WeightRef, ...], size: int, dtype: np.dtype) -> np.ndarray:
         """The product of a norm's gains as one vector."""
@@ -188,6 +274,37 @@ class Weights:
 
 
 # ---------------------------------------------------------------- writer
+
+def write_nbits_pieces(build: NodeBuilder, x: str, name: str, parts: list, like: NBitsRef,
+                       new: dict[str, NewTensor], output: str | None = None) -> str:
+    """y = x @ [W_1 ; W_2 ; ...] for consecutive row pieces of one weight (one piece: x @ W_1) as one MatMulNBits
+    per piece on the matching slice of x's last axis, the products summed; attributes and scale type of `like`.
+    A part is an nbits.Quantized or anything with its k, n, bits, block_size and `tensors(prefix, scale_type)`
+    (the B, scales and packed zero-point NewTensors), which join `new`. Returns y (`output` when given)."""
+    if len(parts) == 1:
+        return _write_nbits(build, x, name, parts[0], like, new, output)
+    out, k0 = None, 0
+    for k, q in enumerate(parts):
+        piece = f"{name}/part_{k}"
+        sliced = build.node("Slice", [x, build.const(f"{piece}/starts", np.array([k0], np.int64)),
+                                      build.const(f"{piece}/ends", np.array([k0 + q.k], np.int64)),
+                                      build.const(f"{piece}/axes", np.array([-1], np.int64))], f"{piece}/Slice")
+        y = _write_nbits(build, sliced, piece, q, like, new)
+        out = y if out is None else build.node("Add", [out, y], f"{name}/Sum_{k}", output if k == len(parts) - 1 else None)
+        k0 += q.k
+    return out
+
+
+def _write_nbits(build: NodeBuilder, x: str, name: str, q, like: NBitsRef, new: dict[str, NewTensor],
+                 output: str | None = None) -> str:
+    tensors = q.tensors(f"{build.prefix}/{name}", like.scale_type)
+    new.update({t.name: t for t in tensors})
+    attrs = {"K": q.k, "N": q.n, "bits": q.bits, "block_size": q.block_size}
+    if like.accuracy_level:
+        attrs["accuracy_level"] = like.accuracy_level
+    return build.node("MatMulNBits", [x] + [t.name for t in tensors], f"{name}/MatMulNBits", output,
+                      domain="com.microsoft", **attrs)
+
 
 def write_linear(build: NodeBuilder, x: str, name: str, weight: NewTensor, bias: NewTensor | None,
                  new: dict[str, NewTensor]) -> str:

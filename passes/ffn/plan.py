@@ -74,12 +74,35 @@ def check_groups(groups: list[Group], chains: list[Chain], blocks: list[FFNBlock
             chain = chain_of[group.first]
             fail(f"group {group} leaves its chain {chain.first}-{chain.last}: something other than an FFN "
                  f"(attention, a graph output or another consumer) sits between blocks")
-        members = [blocks[o] for o in group.ordinals]
-        for attr, what in (("hidden_size", "hidden size"), ("data_type", "element type")):
-            if len({getattr(b, attr) for b in members}) > 1:
-                fail(f"group {group} mixes blocks of different {what}")
-        if len({b.norm.eps for b in members}) > 1:
-            fail(f"group {group} mixes RMSNorm eps values {sorted({b.norm.eps for b in members})}: fusion needs one shared norm")
+        reason = why_not_fusable([blocks[o] for o in group.ordinals])
+        if reason:
+            fail(f"group {group} {reason}")
+
+
+def why_not_fusable(members: Sequence[FFNBlock]) -> str | None:
+    """Why one FFN cannot replace these consecutive blocks exactly, or None: they must share hidden size, element
+    type and RMSNorm eps; int4 / int8 (MatMulNBits) projections must share one kind of linear layer and one
+    quantization (bits, block size, symmetric or not) per projection, and every width but the last must be a whole
+    number of the down projection's blocks (the down weights are laid end to end along K)."""
+    for attr, what in (("hidden_size", "hidden size"), ("data_type", "element type")):
+        if len({getattr(b, attr) for b in members}) > 1:
+            return f"mixes blocks of different {what}"
+    if len({b.norm.eps for b in members}) > 1:
+        return f"mixes RMSNorm eps values {sorted({b.norm.eps for b in members})}: fusion needs one shared norm"
+    for projections in (("gate", "up"), ("down",)):
+        refs = [getattr(b, p) for b in members for p in projections]
+        kinds = {getattr(r, "quantization", None) for r in refs}
+        if len(kinds) > 1:
+            shown = ", ".join("float" if k is None else f"{k[0]}-bit block {k[1]}{' symmetric' if k[2] else ''}"
+                              for k in sorted(kinds, key=str))
+            return f"mixes {'/'.join(projections)} projections of different kinds or quantizations ({shown})"
+    down = members[0].down
+    if getattr(down, "quantization", None):
+        for b in members[:-1]:
+            if b.width % down.block_size:
+                return (f"cannot be fused exactly: block {b.ordinal}'s width {b.width} is not a multiple of the down "
+                        f"projection's quantization block size {down.block_size}")
+    return None
 
 
 def split_evenly(ordinals: tuple[int, ...], max_group: int | None) -> list[Group]:
@@ -198,9 +221,9 @@ def plan_from_metrics(chains: Sequence[Chain], metrics: Dependencies, threshold:
                     reason = f"would exceed --max-group {max_group}"
                     break
                 if blocks is not None:
-                    first, other = blocks[ordinals[a]], blocks[nxt]
-                    if (first.hidden_size, first.data_type, first.norm.eps) != (other.hidden_size, other.data_type, other.norm.eps):
-                        reason = f"block {nxt} differs in hidden size, element type or RMSNorm eps"
+                    why = why_not_fusable(blocks[ordinals[a]:nxt + 1])
+                    if why:
+                        reason = f"adding block {nxt}: the group {why}"
                         break
                 deps = [(i, m(i, nxt)) for i in ordinals[a:z + 1]]
                 if any(v is None for _, v in deps):

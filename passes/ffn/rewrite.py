@@ -20,7 +20,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.ffn.linear import Weights, write_linear
+from passes.ffn import int4
+from passes.ffn.int4 import Requantized
+from passes.ffn.linear import NBitsRef, Weights, write_linear, write_nbits_pieces
 from passes.ffn.match import FFNBlock
 from passes.ffn.plan import Group
 from passes.support.builder import NodeBuilder
@@ -87,18 +89,22 @@ def _bias_tensor(name: str, members: list[FFNBlock], weights: Weights, which: tu
 
 def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: Weights, opset: int,
                      merge_gate_up: bool, normalized: str | None = None
-                     ) -> tuple[list[onnx.NodeProto], list[TensorProto], dict[str, NewTensor], str]:
-    """Nodes, small initializers and new weight tensors of the fused FFN; returns its output (y) too. With
-    `normalized` (n(x) made by the first block's own normalization op, its gain set to ones) no norm is added."""
+                     ) -> tuple[list[onnx.NodeProto], list[TensorProto], dict[str, NewTensor], str, list[Requantized]]:
+    """Nodes, small initializers and new weight tensors of the fused FFN; returns its output (y) and the gains
+    folded by requantization (int4 groups) too. With `normalized` (n(x) made by the first block's own normalization
+    op, its gain set to ones) no norm is added."""
     x = members[0].residual_in
     T = members[0].data_type
     m_total = sum(b.width for b in members)
     build = NodeBuilder(prefix)
     node, const = build.node, build.const
     new: dict[str, NewTensor] = {}
+    requantized: list[Requantized] = []
 
-    def linear(input_, name, weight: NewTensor, bias: NewTensor | None):
-        return write_linear(build, input_, name, weight, bias, new)
+    def projection(input_, name, which):
+        out, notes = _projection(build, input_, name, members, weights, which, new)
+        requantized.extend(notes)
+        return out
 
     # h = n(x) with a unit gain (each block's gain is folded into its weights)
     if normalized is None:
@@ -108,8 +114,7 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: Weights, ops
         h = normalized
 
     if merge_gate_up:
-        gate_up = linear(h, "gate_up", _gate_up_tensor(f"{prefix}/gate_up.weight", members, weights, ("gate", "up")),
-                         _bias_tensor(f"{prefix}/gate_up.bias", members, weights, ("gate", "up")))
+        gate_up = projection(h, "gate_up", ("gate", "up"))
         gate, up = f"{prefix}/gate_up/Split_output_0", f"{prefix}/gate_up/Split_output_1"
         if opset >= 13:
             split = helper.make_node("Split", [gate_up, const("gate_up/split", np.array([m_total, m_total], np.int64))],
@@ -118,15 +123,36 @@ def _fused_ffn_nodes(prefix: str, members: list[FFNBlock], weights: Weights, ops
             split = helper.make_node("Split", [gate_up], [gate, up], name=f"{prefix}/gate_up/Split", axis=-1, split=[m_total, m_total])
         build.nodes.append(split)
     else:
-        gate = linear(h, "gate", _gate_up_tensor(f"{prefix}/gate.weight", members, weights, ("gate",)),
-                      _bias_tensor(f"{prefix}/gate.bias", members, weights, ("gate",)))
-        up = linear(h, "up", _gate_up_tensor(f"{prefix}/up.weight", members, weights, ("up",)),
-                    _bias_tensor(f"{prefix}/up.bias", members, weights, ("up",)))
+        gate = projection(h, "gate", ("gate",))
+        up = projection(h, "up", ("up",))
     silu = node("Mul", [gate, node("Sigmoid", [gate], "act/Sigmoid")], "act/Mul")
     act = node("Mul", [silu, up], "act/Mul_1")
-    y = linear(act, "down", _down_tensor(f"{prefix}/down.weight", members, weights),
-               _bias_tensor(f"{prefix}/down.bias", members, weights, ("down",)))
-    return build.nodes, build.initializers, new, y
+    y = projection(act, "down", ("down",))
+    return build.nodes, build.initializers, new, y, requantized
+
+
+def _projection(build: NodeBuilder, x: str, name: str, members: list[FFNBlock], weights: Weights,
+                which: tuple[str, ...], new: dict[str, NewTensor]) -> tuple[str, list[Requantized]]:
+    """x @ (the members' `which` projections fused) + their biases, in the kind of linear layer the members
+    use: MatMul of a new float weight, or MatMulNBits (passes.ffn.int4: down in pieces whose products are
+    summed). Returns the output and the gains folded by requantization."""
+    prefix = build.prefix
+    bias = _bias_tensor(f"{prefix}/{name}.bias", members, weights, which)
+    ref = getattr(members[0], which[0])
+    if not isinstance(ref, NBitsRef):
+        tensor = (_down_tensor(f"{prefix}/down.weight", members, weights) if which == ("down",) else
+                  _gate_up_tensor(f"{prefix}/{name}.weight", members, weights, which))
+        return write_linear(build, x, name, tensor, bias, new), []
+    if which == ("down",):
+        parts, notes = int4.fused_down(members, weights), []
+    else:
+        fused, notes = int4.fused_gate_up(members, weights, which)
+        parts = [fused]
+    out = write_nbits_pieces(build, x, name, parts, ref, new)
+    if bias is not None:
+        new[bias.name] = bias
+        out = build.node("Add", [out, bias.name], f"{name}/Add")
+    return out, notes
 
 
 def _reusable_norm(index: GraphIndex, block: FFNBlock) -> int | None:
@@ -166,8 +192,9 @@ def group_prefixes(graph: onnx.GraphProto, groups: list[Group]) -> dict[Group, s
 
 
 def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group], *,
-                merge_gate_up: bool = False) -> ModelOutput:
-    """A new model in which every group is one wide FFN. Groups must have passed plan.check_groups."""
+                merge_gate_up: bool = False) -> tuple[ModelOutput, dict[Group, list[Requantized]]]:
+    """A new model in which every group is one wide FFN, and per group the gains folded by requantization (int4
+    groups; passes.ffn.int4). Groups must have passed plan.check_groups."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     graph = proto.graph
@@ -178,6 +205,7 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
     output = ModelOutput(proto, model.base_dir)
     prefixes = group_prefixes(graph, groups)
     index = GraphIndex.build(model.proto.graph)
+    requantized: dict[Group, list[Requantized]] = {}
     for group in groups:
         members = [blocks[o] for o in group.ordinals]
         for b in members:
@@ -192,7 +220,8 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
             op = graph.node[norm_node]
             op.input[2 if op.op_type == SKIP_NORM else 1] = ones.name
             normalized = members[0].hidden
-        nodes, small, new, y = _fused_ffn_nodes(prefix, members, weights, opset, merge_gate_up, normalized)
+        nodes, small, new, y, notes = _fused_ffn_nodes(prefix, members, weights, opset, merge_gate_up, normalized)
+        requantized[group] = notes
         last = members[-1]
         insert_before[last.residual_node] = nodes
         residual = graph.node[last.residual_node]
@@ -217,4 +246,4 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
     del graph.node[:]
     graph.node.extend(ordered)
     drop_unused(graph, removed=[old_nodes[i] for i in range(len(old_nodes)) if i not in keep])
-    return output
+    return output, requantized

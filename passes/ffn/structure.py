@@ -10,6 +10,7 @@ import onnx
 from onnx import TensorProto
 
 from passes.ffn.chains import Chain, find_chains
+from passes.ffn.linear import LINEAR_READERS
 from passes.ffn.match import FFNBlock, Rejection, match_ffn_blocks
 from passes.support.graph import GraphIndex
 
@@ -50,7 +51,7 @@ def count(model: onnx.ModelProto, blocks: list[FFNBlock]) -> ModelCounts:
     graph = model.graph
     return ModelCounts(
         nodes=len(graph.node),
-        matmuls=sum(n.op_type in ("MatMul", "Gemm") for n in graph.node),
+        matmuls=sum(n.op_type in LINEAR_READERS for n in graph.node),
         ffn_blocks=len(blocks),
         sequential_ffn_depth=len(blocks),
         parameters=int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer)),

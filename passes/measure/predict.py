@@ -32,7 +32,7 @@ import numpy as np
 from passes.ffn.chains import Chain
 from passes.ffn.linear import Weights
 from passes.ffn.match import FFNBlock
-from passes.ffn.plan import CandidateCost
+from passes.ffn.plan import CandidateCost, why_not_fusable
 from passes.measure.change import next_token_agreement
 from passes.support.onnx_io import LoadedModel, initializer_map
 
@@ -56,15 +56,14 @@ def output_change(base: np.ndarray, changed: np.ndarray, logits: bool) -> float:
 def candidate_spans(chains: Sequence[Chain], ordinals: Sequence[int], max_group: int,
                     blocks: Sequence[FFNBlock]) -> list[tuple[int, int]]:
     """Every run a..z of 2 to max_group consecutive blocks of one chain, all among `ordinals`, that one FFN can
-    replace (same hidden size, element type and RMSNorm eps)."""
+    replace exactly (passes.ffn.plan.why_not_fusable)."""
     chosen = set(ordinals)
-    kind = lambda o: (blocks[o].hidden_size, blocks[o].data_type, blocks[o].norm.eps)     # noqa: E731
     spans = []
     for chain in chains:
         run = [o for o in chain.ordinals if o in chosen]
         for i in range(len(run)):
             for j in range(i + 1, min(len(run), i + max_group)):
-                if run[j] - run[i] != j - i or kind(run[j]) != kind(run[i]):
+                if run[j] - run[i] != j - i or why_not_fusable(blocks[run[i]:run[j] + 1]):
                     break
                 spans.append((run[i], run[j]))
     return sorted(spans)
