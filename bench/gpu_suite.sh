@@ -5,6 +5,12 @@
 #                                                  ours; (b) Puzzle-8B shape, unfused and paper-rule fused; (c) the
 #                                                  real SmolLM2, attention dropped (ranked 8) and + fused; ~7 min
 #   bash bench/gpu_suite.sh genai-measure OUT_DIR  bench.generate on (a), (b), (c): fp16, batch 1/8/32, ~3 min
+#   bash bench/gpu_suite.sh int4-shapes OUT_DIR    bench.int4_shapes: every MatMulNBits shape of a fused / unfused
+#                                                  Puzzle-8B group alone (block 32/64/128, accuracy 0/4, M 1/8)
+#   bash bench/gpu_suite.sh int4-prepare OUT_DIR   int4 folders: (b) Puzzle-8B shape, exporters.export --dtype int4,
+#                                                  then passes.fuse --plan paper on the int4 graph; (a) Llama-8B
+#                                                  shape, the builder's -p int4 and ours (--dtype int4)
+#   bash bench/gpu_suite.sh int4-measure OUT_DIR   bench.generate on the int4 pairs: batch 1/8/32
 #   bash bench/gpu_suite.sh heal OUT_DIR           models.heal on SmolLM2 (ranked-8 drop; + paper rule; + all runs
 #                                                  fused, with and without hidden-state matching), ${MINUTES} each
 #   bash bench/gpu_suite.sh tp OUT_DIR             tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
@@ -90,6 +96,32 @@ case $what in
       "$py -m bench.generate $work/b_unfused $work/b_fused $gen --labels unfused,fused --name genai_${shape}_puzzle_fusion" \
       genai_measure
     ;;
+  int4-shapes)
+    "$py" -m bench.int4_shapes --out "$out"
+    ;;
+  int4-prepare)   # one after the other, deleting what is no longer needed (a 64 GB disk holds the HF folders one at a time)
+    [ -f "$work/b_int4/genai_config.json" ] || { [ -f "$work/b_hf/config.json" ] || "$py" -m bench.shapes "$shape-puzzle" -o "$work/b_hf";
+      "$py" -m exporters.export "$work/b_hf" -o "$work/b_int4" --runtime genai --dtype int4 --provider "$provider" \
+          --context-length "$context"; }
+    rm -rf "$work/b_hf"; mkdir -p "$work/b_int4_fused"
+    [ -f "$work/b_int4_fused/model.onnx" ] || "$py" -m passes.fuse "$work/b_int4/model.onnx" -o "$work/b_int4_fused/model.onnx" \
+        --plan paper --report "$out/genai_int4_puzzle_fuse_report.json" | tail -n 9
+    if [ -n "${WITH_BUILDER:-}" ]; then
+      [ -f "$work/a_hf/config.json" ] || "$py" -m bench.shapes "$shape" -o "$work/a_hf"
+      [ -f "$work/a_builder_int4/genai_config.json" ] || { rm -rf "$work/a_builder_int4.tmp";
+        "$py" -m onnxruntime_genai.models.builder -i "$work/a_hf" -o "$work/a_builder_int4.tmp" -p int4 -e "$provider" \
+            -c "$work/a_cache" > "$out/a_builder_int4.log" 2>&1 && mv "$work/a_builder_int4.tmp" "$work/a_builder_int4"; }
+      [ -d "$work/a_ours_int4" ] || "$py" -m exporters.export "$work/a_hf" -o "$work/a_ours_int4" --runtime genai --dtype int4 \
+          --provider "$provider" --context-length "$context"
+      rm -rf "$work/a_hf" "$work/a_cache"
+    fi
+    ;;
+  int4-measure)
+    gen="--batch ${BATCH:-1,8,32} --prompt 128 --new 128 --runs 3 --provider $provider --out $out"
+    "$py" -m bench.generate "$work/b_int4" "$work/b_int4_fused" $gen --labels unfused,fused --name genai_int4_puzzle_fusion
+    [ ! -d "$work/a_ours_int4" ] || "$py" -m bench.generate "$work/a_builder_int4" "$work/a_ours_int4" $gen \
+        --labels builder,ours --name "genai_int4_${shape}_builder_vs_ours"
+    ;;
   heal)
     # one pool of teacher samples, made by the first run; every run gets ${MINUTES} of training (two runs per GPU)
     common=(--drop 5-7,17-18,25-26,29 --minutes "${MINUTES:-6.5}" --pool 32768 --sample-batch 4096 --pool-file "$work/pool.pt"
@@ -111,5 +143,5 @@ case $what in
     "$py" -m bench.tp --quick --out "$out"
     "$py" -m bench.tp --quick --emulate-tp 8 --out "$out"
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|heal|tp [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|tp [OUT_DIR]" >&2; exit 2 ;;
 esac
