@@ -43,7 +43,11 @@ def summary(report: dict, seconds: float) -> str:
     lines.append("  fused: " + ", ".join(f"{f['group'][0]}-{f['group'][1]} -> width {f['width']}" for f in report["fused"]))
     rows = [(key.replace("_", " "), before[key], after[key], after[key] - before[key]) for key in before]
     lines.append(table(rows, header=("", "before", "after", "change")))
-    if after["parameters"] != before["parameters"]:
+    if report.get("requantized"):
+        worst = max(r["relative_error"] for r in report["requantized"])
+        lines.append(f"  (int4: {len(report['requantized'])} gate/up weights requantized with their RMSNorm gains folded in, "
+                     f"relative error up to {worst:.3g}; see the report's requantized)")
+    elif after["parameters"] != before["parameters"]:
         lines.append(f"  (parameters: {before['parameters'] - after['parameters']} RMSNorm gain values folded into the fused weights; "
                      f"FFN weights unchanged)")
     return "\n".join(lines)

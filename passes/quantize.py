@@ -4,8 +4,8 @@ Weight-only int4 (or int8) quantization of a float model into onnxruntime's MatM
 constant 2-D weight, quantized block by block with onnxruntime's own kernel, bit for bit what its
 MatMulNBitsQuantizer and onnxruntime-genai's model builder (`-p int4`) write, with the builder's defaults: block
 32, symmetric, accuracy_level 4, lm_head included, the embedding Gather left in float. The weights stream column
-chunk by column chunk from memory-mapped storage; a fused down projection longer than passes.ffn.int4.MAX_K
-along K is written as summed pieces (the fast form in int4; passes/ffn/int4.py). For a model in an
+chunk by column chunk from memory-mapped storage; a MatMul whose K holds more than passes.ffn.int4.MAX_K_BLOCKS
+blocks (a fused down projection) is written as summed pieces (the fast form in int4; passes/ffn/int4.py). For a model in an
 onnxruntime-genai folder, the config and tokenizer files go beside the output (write it to another folder).
 Use it on what passes.fuse or passes.drop_attention wrote; graphs that are already int4 are fused directly.
 """
@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from passes.ffn.int4 import MAX_K, QuantConfig, quantize_matmuls
+from passes.ffn.int4 import MAX_K_BLOCKS, QuantConfig, quantize_matmuls
 from passes.support.errors import fail, run_cli
 from passes.support.genai import beside_output
 from passes.support.onnx_io import check_not_input, load_model, stage_model
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quantize: {model_path} -> {out}  ({time.perf_counter() - start:.1f} s)")
     print(f"  {len(quantized)} MatMuls -> MatMulNBits ({config.bits} bits, block {config.block_size}, "
           f"{'symmetric' if config.symmetric else 'asymmetric'}, accuracy_level {config.accuracy_level})"
-          + (f"; {len(split)} K-pieces of at most {MAX_K} rows for the longest" if split else ""))
+          + (f"; {len(split)} K-pieces of at most {MAX_K_BLOCKS} blocks for the longest" if split else ""))
     print(f"  size: {size(model.path) / 1e6:.1f} MB -> {size(out) / 1e6:.1f} MB")
     if extra:
         print(f"  onnxruntime-genai folder: {out.parent} (genai_config.json, {len(extra) - 1} other files)")

@@ -103,11 +103,11 @@ def test_unit_gains_fuse_exactly_in_the_quantized_domain(symmetric, tmp_path):
     fused = onnx.load(out)
     nodes = {n.name: n for n in fused.graph.node if n.op_type == "MatMulNBits"}
     prefix = "/fused_ffn_0_2"
-    np.testing.assert_array_equal(dequantized(fused, nodes[f"{prefix}/gate/MatMulNBits"]),
-                                  np.hstack([w.wg for w in deq[:3]]))
+    np.testing.assert_array_equal(dequantized(fused, nodes[f"{prefix}/gate_up/MatMulNBits"]),    # gate | up, packed
+                                  np.hstack([w.wg for w in deq[:3]] + [w.wu for w in deq[:3]]))
     np.testing.assert_array_equal(dequantized(fused, nodes[f"{prefix}/down/MatMulNBits"]),
                                   np.vstack([w.wd for w in deq[:3]]))
-    assert len(nodes) == 3 + 3 * (len(WIDTHS) - 3)
+    assert len(nodes) == 2 + 3 * (len(WIDTHS) - 3)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -123,12 +123,11 @@ def test_gains_are_folded_by_requantization_and_reported(symmetric, tmp_path):
     assert {(r["ordinal"], r["projection"]) for r in requantized} == {(t, p) for t in range(3) for p in ("gate", "up")}
     fused = onnx.load(out)
     nodes = {n.name: n for n in fused.graph.node if n.op_type == "MatMulNBits"}
-    gate = dequantized(fused, nodes["/fused_ffn_0_2/gate/MatMulNBits"])
-    folded = np.hstack([w.g[:, None] * w.wg for w in deq[:3]])
-    error = np.linalg.norm(gate - folded) / np.linalg.norm(folded)
+    gate_up = dequantized(fused, nodes["/fused_ffn_0_2/gate_up/MatMulNBits"])
+    folded = np.hstack([w.g[:, None] * w.wg for w in deq[:3]] + [w.g[:, None] * w.wu for w in deq[:3]])
+    error = np.linalg.norm(gate_up - folded) / np.linalg.norm(folded)
     assert 0 < error < 0.15                                        # int4 rounding of diag(g) W, no more
-    np.testing.assert_allclose(error, np.sqrt(np.mean([r["relative_error"] ** 2 for r in requantized if r["projection"] == "gate"])),
-                               rtol=0.35)
+    np.testing.assert_allclose(error, np.sqrt(np.mean([r["relative_error"] ** 2 for r in requantized])), rtol=0.35)
     np.testing.assert_array_equal(dequantized(fused, nodes["/fused_ffn_0_2/down/MatMulNBits"]),
                                   np.vstack([w.wd for w in deq[:3]]))
     # the model: against the parallel form of the dequantized weights, within what the original int4 rounding costs
@@ -139,30 +138,33 @@ def test_gains_are_folded_by_requantization_and_reported(symmetric, tmp_path):
 
 
 def test_long_fused_down_is_split_along_k(tmp_path, monkeypatch):
-    """A fused down projection longer than MAX_K is written as the fewest equal pieces of whole blocks, each a
+    """A fused down projection holding more than MAX_K_BLOCKS blocks along K is written as the fewest equal pieces of whole blocks, each a
     MatMulNBits on a slice of the activation, their products summed: the same numbers."""
     weights, path = quantized_stack(tmp_path, unit_gains=True)
     deq = dequantized_weights(path, weights)
-    monkeypatch.setattr(int4, "MAX_K", 64)
+    monkeypatch.setattr(int4, "MAX_K_BLOCKS", 4)
     out = tmp_path / "fused.onnx"
     fuse_file(path, out, groups=[Group(0, 3)])
     fused = onnx.load(out)
     pieces = [n for n in fused.graph.node if n.op_type == "MatMulNBits" and "/down/" in n.name]
     ks = [next(a.i for a in n.attribute if a.name == "K") for n in pieces]
-    assert ks == [64, 64, 48]                         # 176 rows (11 blocks of 16): the fewest pieces of <= 64
+    assert ks == [64, 64, 48]                         # 176 rows (11 blocks of 16): the fewest pieces of <= 4 blocks
     assert sum(n.op_type == "Slice" for n in fused.graph.node) == 3
     x = x_input()
     assert rel(ort_run(out, {"x": x})[0], reference(x, deq, [(0, 3)])) < 1e-5
 
 
 def test_k_pieces_rule():
-    assert int4.k_pieces(229_376, 32) == [(i * 57_344, (i + 1) * 57_344) for i in range(4)]
+    """The measured rule: at most MAX_K_BLOCKS (1,792) blocks along K per piece, the fewest pieces."""
+    assert int4.k_pieces(229_376, 32) == [(i * 57_344, (i + 1) * 57_344) for i in range(4)]     # 7,168 blocks
+    assert int4.k_pieces(229_376, 64) == [(0, 114_688), (114_688, 229_376)]
+    assert int4.k_pieces(229_376, 128) == [(0, 229_376)]
     assert int4.k_pieces(57_344, 32) == [(0, 57_344)]
-    assert int4.k_pieces(100, 32, 64) == [(0, 64), (64, 100)]
+    assert int4.k_pieces(100, 32, 2) == [(0, 64), (64, 100)]
     for k in (1000, 4096, 100_000):
-        pieces = int4.k_pieces(k, 32, 3000)
+        pieces = int4.k_pieces(k, 32, 90)
         assert pieces[0][0] == 0 and pieces[-1][1] == k and all(a % 32 == 0 for a, _ in pieces)
-        assert all(b - a <= 3000 for a, b in pieces) and len(pieces) == -(-k // 3000)
+        assert all(b - a <= 90 * 32 for a, b in pieces) and len(pieces) == -(-(-(-k // 32)) // 90)
 
 
 def test_widths_off_the_block_grid_are_refused(tmp_path):

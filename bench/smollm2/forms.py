@@ -38,8 +38,9 @@ FORMS = ("dynamo", "ortopt", "genai")
 
 
 def text_ids(tokenizer, tokens: int = 256) -> np.ndarray:
-    from pydoc_data.topics import topics
-    ids = tokenizer("\n".join(topics[k] for k in sorted(topics)))["input_ids"]
+    """The first `tokens` token ids of the @pydoc text (models.text)."""
+    from models.text import pydoc_text
+    ids = tokenizer(pydoc_text())["input_ids"]
     return np.asarray(ids[:tokens], np.int64)[None]
 
 

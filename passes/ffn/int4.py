@@ -3,14 +3,24 @@
 gate / up: W*_g = [diag(g_a) Wg_a | ... | diag(g_z) Wg_z] concatenated along N. The concatenation is exact in the
 quantized domain; the gains are not: diag(g) W changes every block's range, so each member whose gain is not all
 ones is dequantized, multiplied by its gain in float32 and quantized again with onnxruntime's own kernel (same
-bits, block size, symmetric or not). `requantization_error` says what that costs, relative to diag(g) W.
+bits, block size, symmetric or not). `Requantized` says what that costs, relative to diag(g) W.
 down: Wd* = [Wd_a ; ... ; Wd_z] concatenated along K, exact when every member's width is a whole number of
 blocks (check_groups refuses other groups).
-Long K: onnxruntime's MatMulNBits kernel falls off a cliff on very long K (H200, onnxruntime-gpu 1.31.1, int4,
-block 32, one token: K = 229,376 took 1,075 us; as 4 pieces of 57,344 whose products are summed 256 us, 8 of
-28,672 268 us, 16 of 14,336 315 us; FACTS.md). The rule (`k_pieces`): a MatMulNBits with K > MAX_K is written as
-the fewest equal pieces of whole blocks with K <= MAX_K each, their products summed. The rewrite applies it to
-the fused down projection; `split_long_matmuls` to any model (a fused model quantized afterwards).
+
+The form, by rule (measured on one H200, onnxruntime-gpu 1.31.1, CUDA graphs, fp16 activations, random int4
+weights of a Puzzle-8B group of 16 FFNs, d 4096, m 14336; bench/results/h200/int4_shapes.json):
+  - long K: onnxruntime's MatMulNBits kernel falls off a cliff when a column holds too many blocks: at one token
+    K = 229,376 took 1,145 us at block 32 (7,168 blocks), 1,139 us at block 64 (3,584), 289 us at block 128
+    (1,792); K = 114,688 took 1,166 us at block 32 (3,584) and 283 us at block 64 (1,792); K = 57,344 at block 32
+    (1,792) 302 us. So a MatMulNBits whose K holds more than MAX_K_BLOCKS blocks is written as the fewest equal
+    pieces of whole blocks with at most that many each (`k_pieces`), each on its slice of the input, products
+    summed (16 unfused down projections: 379 us).
+  - gate and up are one MatMulNBits (N = 2 sum m) cut by Split (MERGE_GATE_UP): the fused gate alone (N =
+    229,376) took 252 us against 418 us for 16 unfused ones, and in onnxruntime-genai decode (Puzzle-8B, batch 1)
+    the merged form ran 1.114x the unfused model against 1.093x for separate gate and up
+    (bench/results/h200/genai_int4_puzzle_fusion*.json).
+The rewrite applies both to fused groups; `quantize_matmuls` applies the K rule to any model it quantizes (a
+fused model quantized afterwards).
 """
 from __future__ import annotations
 
@@ -28,7 +38,8 @@ from passes.support.graph import GraphIndex, drop_unused
 from passes.support.onnx_io import LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype
 from passes.support.patterns import NoMatch, WeightRef, weight_ref
 
-MAX_K = 57_344      # longest K of one MatMulNBits piece of a fused down projection (see the module docstring)
+MAX_K_BLOCKS = 1_792    # most quantization blocks along K in one MatMulNBits (see the module docstring)
+MERGE_GATE_UP = True    # int4 groups: one packed gate|up MatMulNBits (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -71,12 +82,12 @@ def fused_gate_up(members: list[FFNBlock], weights: Weights, which: tuple[str, .
     return nbits.concat_n(parts), requantized
 
 
-def k_pieces(k: int, block_size: int, max_k: int | None = None) -> list[tuple[int, int]]:
-    """[k0, k1) row ranges: the fewest pieces of whole blocks with at most max_k rows each (the last may be
-    shorter); one piece when K <= max_k (default MAX_K)."""
-    max_k = MAX_K if max_k is None else max_k
+def k_pieces(k: int, block_size: int, max_blocks: int | None = None) -> list[tuple[int, int]]:
+    """[k0, k1) row ranges: the fewest pieces of whole blocks with at most max_blocks blocks each (default
+    MAX_K_BLOCKS; sizes as equal as blocks allow, the last may be shorter); one piece when K fits."""
+    max_blocks = MAX_K_BLOCKS if max_blocks is None else max_blocks
     blocks = nbits.n_blocks(k, block_size)
-    count = max(1, -(-k // max(max_k, block_size)))
+    count = -(-blocks // max(1, max_blocks))
     per = -(-blocks // count) * block_size
     return [(k0, min(k, k0 + per)) for k0 in range(0, k, per)]
 

@@ -6,7 +6,8 @@ For a group a..z with residual input x (the group's first block input):
     Wu* = [diag(g_a) Wu_a | ... | diag(g_z) Wu_z]
     Wd* = [Wd_a ; ... ; Wd_z]
 which equals the parallel form x + sum_t FFN_t(n(x) * g_t) exactly (up to float rounding).
-With merge_gate_up, one MatMul with [Wg* | Wu*] is followed by Split(gate, up): gate first.
+With merge_gate_up (always for MatMulNBits groups: passes.ffn.int4.MERGE_GATE_UP), one MatMul with [Wg* | Wu*]
+is followed by Split(gate, up): gate first.
 
 The residual node of the group's last block is kept (its name too) and re-pointed at x and the fused output;
 the blocks' own nodes are removed once nothing reads them; every other node is untouched. New weights are
@@ -220,7 +221,8 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
             op = graph.node[norm_node]
             op.input[2 if op.op_type == SKIP_NORM else 1] = ones.name
             normalized = members[0].hidden
-        nodes, small, new, y, notes = _fused_ffn_nodes(prefix, members, weights, opset, merge_gate_up, normalized)
+        merge = merge_gate_up or (int4.MERGE_GATE_UP and isinstance(members[0].gate, NBitsRef))
+        nodes, small, new, y, notes = _fused_ffn_nodes(prefix, members, weights, opset, merge, normalized)
         requantized[group] = notes
         last = members[-1]
         insert_before[last.residual_node] = nodes
