@@ -157,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_for(model, args.inputs) if plan.rule == "auto" or args.inputs is not None else None
     chosen = choose_groups(model, structure, plan, calib)
     groups, plan, auto = chosen.groups, chosen.plan, chosen.auto
-    for skipped in chosen.skipped:
-        print(f"  not fused {skipped['group'][0]}-{skipped['group'][1]}: {skipped['reason']}")
     report = {"tool": "passes.fuse", "input": str(model_path), "output": str(out), "plan": plan,
-              **({"skipped_groups": chosen.skipped} if chosen.skipped else {}),
               "command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])],
               **({"auto_plan": auto} if auto is not None else {})}
 

@@ -9,7 +9,7 @@ the result verified, and `fuse_file` does all of it for a path. The fuse CLI and
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from passes.ffn.match import match_ffn_blocks
@@ -22,7 +22,6 @@ from passes.ffn.plan import (
     paper_rule,
     plan_by_budget,
     plan_from_metrics,
-    why_not_fusable,
 )
 from passes.ffn.rewrite import fuse_groups, group_prefixes
 from passes.ffn.structure import ModelStructure, count, model_structure
@@ -71,7 +70,6 @@ class Chosen:
     groups: list[Group]
     plan: str                  # Plan.describe()
     auto: dict | None          # what --plan auto measured (None for the other rules)
-    skipped: list[dict] = field(default_factory=list)   # {"group", "reason"}: what the paper rule could not fuse exactly
 
 
 @dataclass
@@ -87,14 +85,7 @@ def choose_groups(model: LoadedModel, structure: ModelStructure, plan: Plan, cal
     if plan.rule == "groups":
         return Chosen(list(plan.groups), plan.describe(), None)
     if plan.rule == "paper":
-        groups, skipped = [], []
-        for group in paper_rule(structure.chains, plan.max_group):
-            reason = why_not_fusable([structure.blocks[o] for o in group.ordinals])
-            if reason:
-                skipped.append({"group": [group.first, group.last], "reason": reason})
-            else:
-                groups.append(group)
-        return Chosen(groups, plan.describe(), None, skipped)
+        return Chosen(paper_rule(structure.chains, plan.max_group), plan.describe(), None)
     if calib is None:
         raise ValueError("rule 'auto' needs calibration inputs")
     groups, auto = auto_plan(model, structure, calib, max_cost=plan.max_kl, target_depth=plan.target_depth,
