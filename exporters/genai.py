@@ -244,16 +244,38 @@ def build_graph(model: PuzzleDecoder, context_length: int) -> tuple[onnx.ModelPr
     return decoder.proto(logits_type), decoder.g.weights, decoder.facts()
 
 
+def special_token_ids(tokenizer) -> tuple[int, int | list[int], int]:
+    """(bos, eos, pad) for genai_config.json, resolved as onnxruntime-genai's model builder does: the model's own ids
+    first (`tokenizer.model_token_ids`, from the source's generation_config.json / config.json, models.tokenizers),
+    then the tokenizer's; eos keeps every id the model names (an int, or a list such as Llama 3's [end_of_text,
+    eom, eot]: genai stops on any), with the tokenizer's end-of-turn token put first when the list lacks it; bos
+    defaults to 1, eos to 2, pad to the first eos."""
+    model_ids = (getattr(tokenizer, "model_token_ids", None) if tokenizer is not None else None) or {}
+
+    def tokenizer_id(name: str) -> int | None:
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        return int(value) if isinstance(value, int) else None
+    bos = model_ids.get("bos_token_id")
+    bos = int(bos) if isinstance(bos, int) else tokenizer_id("bos_token_id")
+    eos = model_ids.get("eos_token_id")
+    turn_end = tokenizer_id("eos_token_id")
+    if eos is None:
+        eos = turn_end if turn_end is not None else 2
+    ids = [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+    if turn_end is not None and turn_end not in ids:
+        ids.insert(0, turn_end)
+    pad = model_ids.get("pad_token_id")
+    pad = int(pad) if isinstance(pad, int) else tokenizer_id("pad_token_id")
+    return (1 if bos is None else bos), (ids[0] if len(ids) == 1 else ids), (ids[0] if pad is None else pad)
+
+
 def genai_config(facts: dict, tokenizer, context_length: int, provider: str) -> dict:
     """genai_config.json in the builder's layout (decoder inputs/outputs, cache templates, search defaults)."""
-    def token_id(name: str, default: int) -> int:
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        return int(value) if value is not None else default
-    eos = token_id("eos_token_id", 2)
+    bos, eos, pad = special_token_ids(tokenizer)
     options = [{"cuda": {"enable_cuda_graph": "0"}}] if provider == "cuda" else []
     return {
         "model": {
-            "bos_token_id": token_id("bos_token_id", 1),
+            "bos_token_id": bos,
             "context_length": context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": options},
@@ -269,7 +291,7 @@ def genai_config(facts: dict, tokenizer, context_length: int, provider: str) -> 
                 "num_key_value_heads": facts["num_key_value_heads"],
             },
             "eos_token_id": eos,
-            "pad_token_id": token_id("pad_token_id", eos),
+            "pad_token_id": pad,
             "type": "llama",
             "vocab_size": facts["vocab_size"],
         },

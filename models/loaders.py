@@ -55,18 +55,29 @@ def load_model(source: str, dtype: torch.dtype = torch.float32) -> PuzzleDecoder
 
 
 def load_tokenizer(source: str):
-    """A transformers tokenizer for sources that carry one (GGUF file, folder with tokenizer files), else None."""
+    """A transformers tokenizer for sources that carry one (GGUF file, folder with tokenizer files), else None.
+
+    Folders: models.tokenizers.folder_tokenizer (tokenizer.json as it is; never the model config through
+    transformers, never code from the folder, never a prompt). GGUF: transformers' GGUF reader, remote code off.
+    A tokenizer that cannot be loaded is a UserError of one line."""
+    from models.tokenizers import folder_tokenizer
     kind, where = resolve_source(source)
     if kind == "preset":
         return None
-    from transformers import AutoTokenizer
-
     path = Path(where)
-    if kind == "gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(str(path))
+    if kind == "hf":
+        return folder_tokenizer(path)
+    import transformers
+    from transformers import AutoTokenizer
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
+                                             local_files_only=True)
+    except Exception as exc:  # the GGUF reader raises ValueError/KeyError/struct errors/... on foreign files
+        raise UserError(f"{path}: cannot load the GGUF's tokenizer ({_first_line(exc)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _build(
