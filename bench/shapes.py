@@ -22,7 +22,7 @@ import torch
 from models.checkpoint import save_checkpoint
 from models.config import DecoderConfig, LayerSpec
 from models.decoder import PuzzleDecoder
-from models.tokenizers import byte_level_tokenizer
+from models.tokenizers import byte_level_tokenizer, save_tokenizer
 from passes.support.errors import fail, run_cli
 from passes.support.outputs import check_output_folder
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_model(shape(args.shape), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], device)
     save_checkpoint(model, out)
-    byte_level_tokenizer().save_pretrained(out)
+    save_tokenizer(byte_level_tokenizer(), out)
     print(f"{args.shape}: {model.num_parameters() / 1e9:.2f} B parameters ({args.dtype}, drawn on {device}) -> {out} "
           f"in {time.perf_counter() - start:.0f} s")
     return 0

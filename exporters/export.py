@@ -2,8 +2,11 @@
 
     python -m exporters.export SOURCE -o MODEL.onnx [--dtype fp32|fp16|bf16] [--opset N] [--graph prefill|decode]
                                [--external-data auto|always|never] [--exporter torchscript|dynamo]
+                               [--drop LAYERS] [--fuse GROUPS]
 
-SOURCE is a preset (models.PRESETS), `smollm2`, an HF checkpoint folder or a .gguf file.
+SOURCE is a preset (models.PRESETS), `smollm2`, an HF checkpoint folder or a .gguf file. --drop / --fuse (onnx and
+nemotron-nas) export the attention-dropped / FFN-fused model without training (models.fused.drop_and_fuse, the
+numbering of models.heal). --runtime nemotron-nas writes the source's dtype unless --dtype says otherwise.
 --graph prefill (default): input_ids [batch, seq] (int64) -> logits [batch, seq, vocab]; batch and seq dynamic.
 --graph decode: inputs input_ids [batch, seq] and, for every layer i with attention, past_key_i and past_value_i
 [batch, kv_heads_i, past, head_dim] (model dtype, keys after RoPE); outputs logits [batch, seq, vocab] and
@@ -41,6 +44,7 @@ import torch
 
 from models.config import DecoderConfig
 from models.decoder import DecodeStep, PuzzleDecoder
+from models.fused import drop_and_fuse, parse_changes
 from models.loaders import load_model, resolve_source
 from passes.support import onnx_io
 from passes.support.errors import UserError, run_cli
@@ -340,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exporters.export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="preset name, smollm2, HF checkpoint folder or .gguf file")
     parser.add_argument("-o", "--output", required=True, help="output MODEL.onnx")
-    parser.add_argument("--dtype", choices=[*DTYPES, "int4"], default="fp32",
-                        help="int4 (--runtime genai only): MatMul weights block-quantized as the model builder's "
+    parser.add_argument("--dtype", choices=[*DTYPES, "int4"], default=None,
+                        help="default fp32 (onnx, genai), the source's dtype for nemotron-nas (its torch_dtype); "
+                             "int4 (--runtime genai only): MatMul weights block-quantized as the model builder's "
                              "-p int4 does (passes.quantize: block 32, symmetric, accuracy_level 4, lm_head included, "
                              "embeddings float); activations fp16 for --provider cuda, fp32 for cpu")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 18 for dynamo)")
@@ -356,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=4096, help="--runtime genai: longest sequence (rotary tables)")
     parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda",
                         help="--runtime genai: execution provider named in genai_config.json")
+    parser.add_argument("--drop", help="onnx, nemotron-nas: layers whose attention is removed, e.g. 5-7,17-18 "
+                                       "(as models.heal --drop; no training: models.fused.drop_and_fuse)")
+    parser.add_argument("--fuse", help="onnx, nemotron-nas: FFN groups fused (ordinals), e.g. 4-6,16-17 (as "
+                                       "models.heal --fuse)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -369,11 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(out, "output")    # a new or empty folder in an existing folder
     if args.dtype == "int4" and args.runtime != "genai":
         raise UserError("--dtype int4 is for --runtime genai (or quantize any ONNX model with python -m passes.quantize)")
+    if (args.drop or args.fuse) and args.runtime == "genai":
+        raise UserError("--drop and --fuse are for --runtime onnx and nemotron-nas; for genai, export the changed model "
+                        "as a nemotron-nas folder and export that folder")
+    args.changes = parse_changes(args.drop, args.fuse)     # before any work: a malformed range exits 2
     if args.runtime == "genai":
+        args.dtype = args.dtype or "fp32"
         return _export_genai(args, out, start)
     if args.runtime == "nemotron-nas":
         return _export_checkpoint(args, out, start)
-    model = load_model(args.source, DTYPES[args.dtype])
+    args.dtype = args.dtype or "fp32"
+    model = _changed(load_model(args.source, DTYPES[args.dtype]), args)
     path = export_onnx(
         model, out, args.dtype, opset=args.opset, exporter=args.exporter, external_data=args.external_data,
         graph=args.graph,
@@ -387,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         verified = "onnx.checker ok; this onnxruntime has no bf16 CPU kernels, so ORT CPU cannot run this file"
     opset = args.opset or DEFAULT_OPSET[args.exporter]
     kind = ", decode graph" if args.graph == "decode" else ""
-    print(f"exported {args.source} -> {path} ({args.dtype}, opset {opset}, {args.exporter} exporter{kind})")
+    print(f"exported {args.source} -> {path} ({args.dtype}, opset {opset}, {args.exporter} exporter{kind}"
+          f"{_changes_text(args)})")
     for line in describe(model.config):
         print(f"  {line}")
     print(f"  parameters: {model.num_parameters() / 1e6:.2f} M; files: {sizes}")
@@ -396,14 +412,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _changed(model: PuzzleDecoder, args) -> PuzzleDecoder:
+    """The model with --drop / --fuse applied (models.fused.drop_and_fuse, as models.heal builds its student)."""
+    dropped, groups = args.changes
+    return drop_and_fuse(model, dropped, groups) if dropped or groups else model
+
+
+def _changes_text(args) -> str:
+    return "".join(f", {what} {value}" for what, value in (("attention dropped in", args.drop),
+                                                           ("FFN groups fused", args.fuse)) if value)
+
+
 def _export_checkpoint(args, out: Path, start: float) -> int:
-    from models.checkpoint import save_checkpoint, tp_constraints
+    """--runtime nemotron-nas: the (dropped / fused) model in the source's dtype unless --dtype, the source's
+    settings and block keys kept (models.checkpoint)."""
+    from models.checkpoint import save_checkpoint, source_dtype, tp_constraints
     from models.loaders import load_tokenizer
     if args.graph != "prefill" or args.exporter != "torchscript" or args.opset is not None:
         raise UserError("--runtime nemotron-nas writes a checkpoint folder: --graph, --exporter and --opset do not apply")
-    model = load_model(args.source, DTYPES[args.dtype])
-    folder = save_checkpoint(model, out, load_tokenizer(args.source), layout="nemotron-nas")
-    print(f"exported {args.source} -> {folder}/ as a nemotron-nas checkpoint ({args.dtype})")
+    dtype = DTYPES[args.dtype] if args.dtype else source_dtype(args.source)
+    model = _changed(load_model(args.source, dtype), args)
+    folder = save_checkpoint(model, out, load_tokenizer(args.source), args.source, layout="nemotron-nas")
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    print(f"exported {args.source} -> {folder}/ as a nemotron-nas checkpoint ({name}"
+          f"{'' if args.dtype else ', the source dtype'}{_changes_text(args)})")
     for line in describe(model.config):
         print(f"  {line}")
     for tp, problems in tp_constraints(model.config).items():

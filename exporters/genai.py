@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.config import DecoderConfig
 from models.decoder import PuzzleDecoder
+from models.tokenizers import save_tokenizer
 from passes.ffn.int4 import QuantConfig, quantize_matmuls
 from passes.support.builder import NodeBuilder
 from passes.support.errors import UserError
@@ -310,7 +311,7 @@ def export_genai(model: PuzzleDecoder, folder: str | os.PathLike, tokenizer=None
     extra = {"genai_config.json": (json.dumps(genai_config(facts, tokenizer, context_length, provider), indent=4) + "\n").encode()}
     with staged_folder(Path(folder)) as stage, tempfile.TemporaryDirectory() as files:
         if tokenizer is not None:
-            tokenizer.save_pretrained(files)
+            save_tokenizer(tokenizer, files)
             extra.update({path.name: path for path in sorted(Path(files).iterdir())})
         save_model(ModelOutput(proto, stage, dict(weights)), stage / MODEL, external=True, extra_files=extra)
     return Path(folder)

@@ -21,11 +21,21 @@ import torch
 from models.config import DecoderConfig
 from models.decoder import PuzzleDecoder
 from passes.support.errors import UserError
+from passes.support.ranges import expand, parse_ranges
 
 
 def ffn_layers(config: DecoderConfig) -> list[int]:
     """Layer index of each FFN ordinal."""
     return [i for i, spec in enumerate(config.layers) if spec.ffn_width is not None]
+
+
+def parse_changes(drop: str | None, fuse: str | None) -> tuple[list[int], list[tuple[int, int]]]:
+    """The --drop LAYERS and --fuse GROUPS of models.heal and exporters.export as drop_and_fuse takes them: layers
+    whose attention is removed ("5-7,17-18" -> [5, 6, 7, 17, 18]) and FFN groups of ordinals ("4-6,16-17" ->
+    [(4, 6), (16, 17)]); None or "" gives nothing. A malformed range is a UserError naming the option."""
+    dropped = expand(parse_ranges(drop, "--drop", "5-7,17-18")) if drop else []
+    groups = parse_ranges(fuse, "--fuse", "4-6,16-17") if fuse else []
+    return dropped, groups
 
 
 def drop_and_fuse(model: PuzzleDecoder, dropped: list[int] = (), groups: list[tuple[int, int]] = ()) -> PuzzleDecoder:

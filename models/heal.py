@@ -15,7 +15,8 @@ default the start of CPython's language reference, @pydoc: models.text.pydoc_tex
 file is the eval text, its eval windows are cut out of the training set. Reported at every --eval-every steps:
 held-out perplexity of the student (and of the teacher once), next-token KL and top-1 agreement against the teacher.
 
-Outputs: HEALED_DIR (models.checkpoint: nemotron-nas config, safetensors, tokenizer), which models.loaders,
+Outputs: HEALED_DIR (models.checkpoint: nemotron-nas config with the teacher's kept keys, configuration code,
+safetensors in the teacher's dtype (training runs in float32, bf16 autocast on a GPU), tokenizer), which models.loaders,
 exporters.export (ONNX: `python -m exporters.export HEALED_DIR -o H.onnx`; --runtime genai) and the serving engines
 read; HEALED_DIR's folder must exist (exit 2 otherwise); --report: the JSON of the run (curve, settings, tokens, GPU
 seconds). HEALED_DIR.state/ keeps a resumable state (weights, optimizer, schedule, step, data position) every
@@ -37,14 +38,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import save_checkpoint, source_dtype
 from models.decoder import PuzzleDecoder
-from models.fused import drop_and_fuse, ffn_layers
+from models.fused import drop_and_fuse, ffn_layers, parse_changes
 from models.loaders import load_model, load_tokenizer
 from models.text import PYDOC, pydoc_text
 from passes.support.errors import fail, run_cli
 from passes.support.outputs import check_output, check_output_folder, write_json
-from passes.support.ranges import expand, parse_ranges
 
 
 def _default_device() -> str:
@@ -84,7 +84,7 @@ class HealConfig:
 @dataclass
 class HealResult:
     """What run_heal made: the checkpoint folder, the run's record (what --report writes) and the healed student."""
-    output: Path                      # the healed nemotron-nas checkpoint folder
+    output: Path                      # the healed nemotron-nas checkpoint folder (padded widths, the teacher's dtype)
     state: Path                       # HEALED_DIR.state/: the resumable state
     record: dict                      # curve, settings, data, tokens, seconds, teacher_perplexity, final
     student: PuzzleDecoder            # the healed model (CPU, eval mode, FFN widths unpadded)
@@ -270,8 +270,7 @@ def _models(config: HealConfig, device: torch.device):
     teacher = load_model(config.teacher).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    dropped = expand(parse_ranges(config.drop, "--drop", "5-7,17-18")) if config.drop else []
-    groups = parse_ranges(config.fuse, "--fuse", "4-6,16-17") if config.fuse else []
+    dropped, groups = parse_changes(config.drop, config.fuse)
     student = drop_and_fuse(teacher, dropped, groups).to(device).float().train()
     teacher.to(device)
     return teacher, student, load_tokenizer(config.teacher), dropped, groups
@@ -422,7 +421,8 @@ def run_heal(config: HealConfig) -> HealResult:
                       seconds=round(time.perf_counter() - start, 1),
                       device=torch.cuda.get_device_name(run.device) if cuda else "cpu", final=run.record["curve"][-1])
     student = run.student.cpu().eval()
-    output = save_checkpoint(student, config.output, run.tokenizer, layout="nemotron-nas")
+    output = save_checkpoint(student, config.output, run.tokenizer, config.teacher, layout="nemotron-nas",
+                             dtype=source_dtype(config.teacher))
     if config.report:
         write_json(Path(config.report), run.record)
     return HealResult(output, run.state_dir, run.record, student)

@@ -19,6 +19,7 @@ weights that must still come with tokenizer files (onnxruntime-genai folders, it
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from models.loaders import _first_line
@@ -140,3 +141,15 @@ def byte_level_tokenizer(vocab_size: int = 512):
                             trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """tokenizer.save_pretrained(folder), with tokenizer_config.json naming the class every transformers version and
+    serving engine knows (PreTrainedTokenizerFast; transformers 5 writes its internal TokenizersBackend)."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

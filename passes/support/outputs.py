@@ -1,8 +1,9 @@
 """Where and how the tools write. Output paths are checked before any work; every output is made under a
 temporary name beside its target and renamed into place only when everything the command promises (model,
 report, measurements, plots) is done, all together, with SIGINT/SIGTERM held back during the renames. An
-interrupted command leaves no output and no temporary file. Files get the usual permissions (0644 under the usual
-umask)."""
+interrupted command leaves no output and no temporary file. Outputs get the usual permissions whatever made them
+(mkdtemp makes 0700 folders, some writers 0600 files): folders 0777 and files 0666 less the umask (0755 and 0644 under
+the usual umask 022; see default_mode)."""
 from __future__ import annotations
 
 import contextlib
@@ -123,15 +124,33 @@ def _plain(value):
     return str(value)
 
 
+def current_umask() -> int:
+    """This process's umask (read from /proc where it can be, else set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The permissions open() and mkdir() give under the current umask: 0666 (files) or 0777 (folders) less it."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
 @contextlib.contextmanager
 def staged_folder(folder: Path, what: str = "output"):
     """A temporary folder beside `folder` (which must be new or empty) for the caller to fill; renamed into place
-    when the block ends without an error, removed otherwise."""
+    when the block ends without an error, removed otherwise. The folder gets default_mode (mkdtemp makes it 0700);
+    the files in it keep the modes their writers gave them."""
     folder = Path(folder)
     check_output_folder(folder, what)
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         yield stage
+        os.chmod(stage, default_mode(folder=True))
         with signals_held():
             if folder.exists():
                 folder.rmdir()
