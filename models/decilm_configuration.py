@@ -29,8 +29,18 @@ def _fill(section, values: dict) -> None:
         setattr(section, key, value)
 
 
+class _Section:
+    """A block's "attention" or "ffn" part: every key as an attribute (fields' defaults first), back as a dict."""
+
+    def __init__(self, **values):
+        _fill(self, values)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.__dict__)
+
+
 @dataclasses.dataclass(init=False)
-class AttentionConfig:
+class AttentionConfig(_Section):
     """block_configs[i]["attention"]; keys beyond these fields are kept as attributes."""
     no_op: bool = False
     replace_with_linear: bool = False
@@ -41,27 +51,15 @@ class AttentionConfig:
     use_prefill_window_in_sink_attention: bool = False
     unshifted_sink: bool = False
 
-    def __init__(self, **values):
-        _fill(self, values)
-
-    def to_dict(self) -> dict:
-        return copy.deepcopy(self.__dict__)
-
 
 @dataclasses.dataclass(init=False)
-class FFNConfig:
+class FFNConfig(_Section):
     """block_configs[i]["ffn"]; the width is int(2 * ffn_mult * hidden_size / 3) rounded up to a multiple of 256.
     Keys beyond these fields are kept as attributes."""
     no_op: bool = False
     replace_with_linear: bool = False
     sparsify: list | None = None
     ffn_mult: float | None = None
-
-    def __init__(self, **values):
-        _fill(self, values)
-
-    def to_dict(self) -> dict:
-        return copy.deepcopy(self.__dict__)
 
 
 @dataclasses.dataclass(init=False)
