@@ -23,7 +23,7 @@ from passes.ffn.plan import (
     plan_by_budget,
     plan_from_metrics,
 )
-from passes.ffn.rewrite import fuse_groups, group_prefixes
+from passes.ffn.rewrite import fuse_groups, group_prefixes, packs_gate_up
 from passes.ffn.structure import ModelStructure, count, model_structure
 from passes.measure.metrics import compute_metrics
 from passes.support.calibration import Calibration, calibration_for
@@ -107,6 +107,7 @@ def fuse_model(model: LoadedModel, structure: ModelStructure, groups: list[Group
         **structure.record(),
         "groups": [[g.first, g.last] for g in groups],
         "fused": [{"group": [g.first, g.last], "width": sum(blocks[o].width for o in g.ordinals), "prefix": prefixes[g],
+                   "packed_gate_up": packs_gate_up([blocks[o] for o in g.ordinals], merge_gate_up),
                    "replaced_nodes": [n for o in g.ordinals for n in blocks[o].node_names]} for g in groups],
         **({"requantized": [{"group": [g.first, g.last], **asdict(r)} for g, notes in requantized.items() for r in notes]}
            if any(requantized.values()) else {}),

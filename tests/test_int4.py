@@ -272,3 +272,51 @@ def test_export_int4_is_the_float_folder_quantized(tmp_path):
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) == 10
+
+
+def test_corrupt_matmulnbits_weights_exit_2(tmp_path):
+    """B whose size does not fit K, N, bits and block_size: one line, exit 2, nothing written (not a traceback)."""
+    _, path = quantized_stack(tmp_path)
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    b = next(t for t in model.graph.initializer if t.name == node.input[1])
+    b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b)[..., :4].copy(), b.name))
+    onnx.save(model, tmp_path / "bad.onnx")
+    proc = subprocess.run([sys.executable, "-m", "passes.fuse", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "f.onnx"),
+                           "--groups", "0-2"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "is corrupt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "f.onnx").exists()
+
+
+@pytest.mark.parametrize("fp16, symmetric", [(False, False), (True, False), (True, True)])
+def test_quantize_matches_onnxruntime_byte_for_byte(fp16, symmetric, tmp_path):
+    """Weights read through Transpose (and Cast): the quantized model holds exactly onnxruntime's B, scales and
+    zero points (padding nibbles too) for each weight, and no float weight or dead Transpose / Cast is left."""
+    weights = make_weights([32, 48, 32], seed=4)
+    model = Builder(Form(linear=["transpose_cast" if fp16 else "transpose"], fp16=fp16)).model(weights)
+    onnx.save(model, tmp_path / "float.onnx")
+    assert quiet(quantize_main, [tmp_path / "float.onnx", "-o", tmp_path / "ours.onnx", "--block-size", "16",
+                                 *([] if symmetric else ["--asymmetric"])]) == 0
+    ours = onnx.load(tmp_path / "ours.onnx")
+    float_weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+    assert not float_weights & {t.name for t in ours.graph.initializer}
+    assert not {"Transpose", "MatMul"} & {n.op_type for n in ours.graph.node}
+    read = {name for n in ours.graph.node for name in n.input} | {o.name for o in ours.graph.output}
+    assert all(out in read for n in ours.graph.node for out in n.output), "a dead node (weight Cast) was left"
+    inits = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    nodes = [n for n in ours.graph.node if n.op_type == "MatMulNBits"]
+    effective = [w.T for b in weights for w in (b.wg.T, b.wu.T, b.wd.T)]       # [K, N] as the MatMuls use them
+    assert len(nodes) == len(effective) == 9
+    dtype, elem = (np.float16, onnx.TensorProto.FLOAT16) if fp16 else (np.float32, onnx.TensorProto.FLOAT)
+    for node, w in zip(nodes, effective):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("MatMul", ["a", "W"], ["y"], name="mm")], "g",
+            [onnx.helper.make_tensor_value_info("a", elem, [1, w.shape[0]])],
+            [onnx.helper.make_tensor_value_info("y", elem, [1, w.shape[1]])], [numpy_helper.from_array(w.astype(dtype), "W")])
+        quantizer = MatMulNBitsQuantizer(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+                                         block_size=16, is_symmetric=symmetric, accuracy_level=4)
+        quantizer.process()
+        theirs = {t.name: numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
+        for name, their_name in zip(node.input[1:], ["W_Q4", "W_scales", "W_zero_points"]):
+            np.testing.assert_array_equal(inits[name].reshape(-1), theirs[their_name].reshape(-1))
+        assert (len(node.input) > 3) == (not symmetric)

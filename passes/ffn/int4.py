@@ -34,7 +34,7 @@ from passes.ffn.linear import NBitsRef, Weights, write_nbits_pieces
 from passes.ffn.match import FFNBlock
 from passes.support import nbits
 from passes.support.builder import NodeBuilder
-from passes.support.graph import GraphIndex, drop_unused
+from passes.support.graph import GraphIndex, drop_unused, live_nodes
 from passes.support.onnx_io import LoadedModel, ModelOutput, NewTensor, initializer_map, np_dtype
 from passes.support.patterns import NoMatch, WeightRef, weight_ref
 
@@ -126,10 +126,13 @@ def quantize_matmuls(model: LoadedModel, config: QuantConfig = QuantConfig()) ->
     weights = Weights(initializer_map(model.proto), model.base_dir)
     output = ModelOutput(proto, model.base_dir)
     replaced: dict[int, list[onnx.NodeProto]] = {}
+    weight_nodes: set[int] = set()         # Transpose / Cast / Identity nodes that fed the float weights
     for i, node in enumerate(model.proto.graph.node):
-        ref = _quantizable(index, node, config)
-        if ref is None:
+        found = _quantizable(index, node, config)
+        if found is None:
             continue
+        ref, used = found
+        weight_nodes.update(used)
         build = NodeBuilder(node.name or f"/quantized_{i}")
         quantized = _ColumnQuantizer(weights, ref, config)
         parts = [quantized.piece(k0, k1) for k0, k1 in k_pieces(ref.shape[0], config.block_size)]
@@ -138,14 +141,21 @@ def quantize_matmuls(model: LoadedModel, config: QuantConfig = QuantConfig()) ->
         write_nbits_pieces(build, node.input[0], f"Q{config.bits}", parts, like, output.new_tensors, node.output[0])
         replaced[i] = build.nodes
         proto.graph.initializer.extend(build.initializers)
-    nodes = [new for i, node in enumerate(proto.graph.node) for new in replaced.get(i, [node])]
+    old_nodes = list(model.proto.graph.node)
+    nodes, position = [], {}
+    for i, node in enumerate(old_nodes):
+        position[i] = len(nodes)
+        nodes += replaced.get(i, [node])
+    candidates = {position[i] for i in weight_nodes if i not in replaced}
+    keep = live_nodes(nodes, candidates, {o.name for o in proto.graph.output})
+    unused = [nodes[k] for k in candidates if k not in keep]
     del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
+    proto.graph.node.extend(node for k, node in enumerate(nodes) if k in keep)
     for tensor in output.new_tensors.values():
         proto.graph.initializer.append(TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    drop_unused(proto.graph, removed=[model.proto.graph.node[i] for i in replaced])
+    drop_unused(proto.graph, removed=[old_nodes[i] for i in replaced] + unused)
     return output, [model.proto.graph.node[i].name for i in sorted(replaced)]
 
 
@@ -205,7 +215,8 @@ class _Piece:
             return iter(kept.get("scales") or [q.scales for q in self._chunks()])
 
         def zp_chunks():
-            return iter(nbits.pack(z, self.bits) for z in (kept.get("zero_points") or [q.zero_points for q in self._chunks()]))
+            return iter(nbits.pack(z, self.bits, 1 << (self.bits - 1))
+                        for z in (kept.get("zero_points") or [q.zero_points for q in self._chunks()]))
 
         blocks = nbits.n_blocks(self.k, self.block_size)
         return nbits.stored_tensors(prefix, (self.n, blocks, self.block_size * self.bits // 8), (self.n, blocks),
@@ -213,11 +224,12 @@ class _Piece:
                                     zp_chunks)
 
 
-def _quantizable(index: GraphIndex, node: onnx.NodeProto, config: QuantConfig) -> WeightRef | None:
+def _quantizable(index: GraphIndex, node: onnx.NodeProto, config: QuantConfig) -> tuple[WeightRef, list[int]] | None:
+    """The MatMul's constant float weight and the nodes it is read through, or None."""
     if node.op_type != "MatMul" or node.name in config.exclude or len(node.input) != 2:
         return None
     try:
-        ref, _ = weight_ref(index, node.input[1], node.name, rank=2)
+        ref, used = weight_ref(index, node.input[1], node.name, rank=2)
     except NoMatch:
         return None
-    return ref if ref.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) else None
+    return (ref, used) if ref.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) else None

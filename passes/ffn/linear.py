@@ -114,9 +114,9 @@ def _read_matmul_nbits(index: GraphIndex, j: int, node: onnx.NodeProto, has_bias
     label = index.node_label(j)
     if node.domain != "com.microsoft":
         raise NoMatch(label, f"MatMulNBits of domain '{node.domain}' is not onnxruntime's")
-    if has_bias:
-        raise NoMatch(label, "MatMulNBits followed by a bias Add")
     inputs = list(node.input) + [""] * (6 - len(node.input))
+    if has_bias and inputs[5]:
+        raise NoMatch(label, "MatMulNBits with a bias input followed by a bias Add")
     if inputs[4]:
         raise NoMatch(label, "MatMulNBits with g_idx (act-order) cannot be concatenated block by block")
     bits, block_size = attribute(node, "bits", 4), attribute(node, "block_size")
@@ -210,7 +210,8 @@ def packed_gate_up(index: GraphIndex, gate_out: str, up_out: str) -> tuple[Linea
 
 @dataclass
 class Weights:
-    """Reads effective weight values (transpose and cast applied) of one model, a row range at a time."""
+    """Reads effective weight values (transpose and cast applied) of one model, a row range at a time (a
+    MatMulNBits weight is dequantized whole for each call: its callers read all rows at once)."""
     tensors: dict[str, TensorProto]
     base_dir: Path
 
@@ -240,11 +241,14 @@ class Weights:
         return np.array(value, dtype=np_dtype(ref.data_type)).astype(dtype)
 
     def quantized(self, ref: NBitsRef) -> nbits.Quantized:
-        """The stored MatMulNBits weight (all N columns) as arrays."""
+        """The stored MatMulNBits weight (all N columns) as arrays; UserError when they do not fit its attributes."""
         zp = None if ref.zero_points is None else tensor_array(self.tensors[ref.zero_points], self.base_dir)
-        return nbits.from_arrays(tensor_array(self.tensors[ref.name], self.base_dir),
-                                 tensor_array(self.tensors[ref.scales], self.base_dir), zp, ref.k, ref.n, ref.bits,
-                                 ref.block_size)
+        try:
+            return nbits.from_arrays(tensor_array(self.tensors[ref.name], self.base_dir),
+                                     tensor_array(self.tensors[ref.scales], self.base_dir), zp, ref.k, ref.n, ref.bits,
+                                     ref.block_size)
+        except ValueError as exc:
+            fail(f"MatMulNBits weight '{ref.name}' is corrupt: {exc}")
 
     def check(self, ref: Weight | None) -> None:
         """Refuse (UserError) an inline initializer whose data does not fill its dims: the model is corrupt.
@@ -260,10 +264,7 @@ class Weights:
                 fail(f"initializer '{name}' is corrupt: its data does not fit dims {list(tensor.dims)} "
                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         if isinstance(ref, NBitsRef):
-            try:
-                self.quantized(ref)
-            except ValueError as exc:
-                fail(f"MatMulNBits weight '{ref.name}' does not fit K={ref.k}, N={ref.n}, block_size={ref.block_size}: {exc}")
+            self.quantized(ref)
 
     def gain(self, gains: tuple[WeightRef, ...], size: int, dtype: np.dtype) -> np.ndarray:
         """The product of a norm's gains as one vector."""

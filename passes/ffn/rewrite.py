@@ -175,6 +175,12 @@ def _reusable_norm(index: GraphIndex, block: FFNBlock) -> int | None:
     return k
 
 
+def packs_gate_up(members: list[FFNBlock], merge_gate_up: bool) -> bool:
+    """Whether the fused group's gate and up are one packed MatMul cut by Split: when asked, and always for
+    MatMulNBits groups (passes.ffn.int4.MERGE_GATE_UP)."""
+    return merge_gate_up or (int4.MERGE_GATE_UP and isinstance(members[0].gate, NBitsRef))
+
+
 def group_prefixes(graph: onnx.GraphProto, groups: list[Group]) -> dict[Group, str]:
     """Name prefix of each group's new nodes and tensors: /fused_ffn_a_z, or /fused_ffn_a_z_vK when the graph
     already has names under that prefix (a model fused before), so new names never collide with existing ones."""
@@ -221,8 +227,8 @@ def fuse_groups(model: LoadedModel, blocks: list[FFNBlock], groups: list[Group],
             op = graph.node[norm_node]
             op.input[2 if op.op_type == SKIP_NORM else 1] = ones.name
             normalized = members[0].hidden
-        merge = merge_gate_up or (int4.MERGE_GATE_UP and isinstance(members[0].gate, NBitsRef))
-        nodes, small, new, y, notes = _fused_ffn_nodes(prefix, members, weights, opset, merge, normalized)
+        nodes, small, new, y, notes = _fused_ffn_nodes(prefix, members, weights, opset,
+                                                       packs_gate_up(members, merge_gate_up), normalized)
         requantized[group] = notes
         last = members[-1]
         insert_before[last.residual_node] = nodes

@@ -42,7 +42,7 @@ class Quantized:
         """The MatMulNBits initializers: B, scales ([N, n_blocks], of `scale_type`) and packed zero points."""
         return stored_tensors(prefix, self.b.shape, self.scales.shape, scale_type, self.zero_points is not None,
                               self.bits, lambda: iter([self.b]), lambda: iter([self.scales]),
-                              lambda: iter([pack(self.zero_points, self.bits)]))
+                              lambda: iter([pack(self.zero_points, self.bits, 1 << (self.bits - 1))]))
 
 
 def stored_tensors(prefix: str, b_shape, scales_shape, scale_type: int, zero_points: bool, bits: int,
@@ -68,11 +68,12 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return values.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
 
 
-def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 [..., count] values of `bits` bits -> uint8 [..., ceil(count * bits / 8)], lowest bits first."""
+def pack(values: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
+    """uint8 [..., count] values of `bits` bits -> uint8 [..., ceil(count * bits / 8)], lowest bits first; the
+    unused slots of the last byte hold `fill` (onnxruntime pads zero points with 2^(bits - 1))."""
     per_byte = 8 // bits
     count = values.shape[-1]
-    padded = np.zeros((*values.shape[:-1], -(-count // per_byte) * per_byte), np.uint8)
+    padded = np.full((*values.shape[:-1], -(-count // per_byte) * per_byte), fill, np.uint8)
     padded[..., :count] = values
     grouped = padded.reshape(*values.shape[:-1], -1, per_byte).astype(np.uint16)
     return sum(grouped[..., i] << (bits * i) for i in range(per_byte)).astype(np.uint8)
@@ -80,8 +81,15 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
 
 def from_arrays(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
                 block_size: int) -> Quantized:
-    """A Quantized from MatMulNBits' stored inputs (any of the layouts onnxruntime accepts)."""
+    """A Quantized from MatMulNBits' stored inputs (any of the layouts onnxruntime accepts); ValueError when their
+    sizes do not fit K, N, bits and block_size."""
     blocks = n_blocks(k, block_size)
+    sizes = {"B": (np.size(b), n * blocks * (block_size * bits // 8)), "scales": (np.size(scales), n * blocks)}
+    if zero_points is not None:
+        sizes["zero points"] = (np.size(zero_points), n * -(-blocks * bits // 8))
+    for what, (have, want) in sizes.items():
+        if have != want:
+            raise ValueError(f"{what} holds {have} values, K={k}, N={n}, bits={bits}, block_size={block_size} need {want}")
     b = np.asarray(b, np.uint8).reshape(n, blocks, -1)
     scales = np.asarray(scales).reshape(n, blocks)
     zp = None
@@ -101,16 +109,19 @@ def dequantize(q: Quantized, columns: tuple[int, int] | None = None) -> np.ndarr
 
 def quantize(w: np.ndarray, bits: int, block_size: int, symmetric: bool, scale_dtype: np.dtype) -> Quantized:
     """Block-quantize W [K, N] with onnxruntime's own kernel (what its MatMulNBitsQuantizer and the model
-    builder run): round to nearest, scale per block of one column; symmetric: zero point 2^(bits - 1)."""
+    builder run): round to nearest, scale per block of one column; symmetric: zero point 2^(bits - 1). With fp16
+    scales the kernel runs in fp16, as onnxruntime's quantizer does for an fp16 weight (bit for bit)."""
     from onnxruntime.capi import _pybind_state as ort_c
 
     k, n = w.shape
     blocks = n_blocks(k, block_size)
+    half = np.dtype(scale_dtype) == np.float16
+    kind = np.float16 if half else np.float32
     packed = np.zeros((n, blocks, block_size * bits // 8), np.uint8)
-    scales = np.zeros((n, blocks), np.float32)
+    scales = np.zeros((n, blocks), kind)
     zp = np.zeros((n, -(-blocks * bits // 8)), np.uint8)
     kernel = {4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[bits]
-    kernel(packed, np.ascontiguousarray(w, np.float32), scales, zp, block_size, n, k, symmetric)
+    kernel(packed, np.ascontiguousarray(w, kind), scales, zp, block_size, n, k, symmetric)
     return Quantized(packed, scales.astype(scale_dtype), None if symmetric else unpack(zp, bits, blocks), k, bits, block_size)
 
 
