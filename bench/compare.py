@@ -36,6 +36,7 @@ from bench.batch_seq import batch_seq_arg
 from bench.comparison import DEFAULT_SEED, DEFAULT_SHAPE, compare
 from bench.results import result_json
 from passes.support.errors import fail, run_cli
+from passes.support.onnx_io import PROVIDERS, resolve_provider
 from passes.support.outputs import check_output
 
 
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("original", type=Path, help="the original ONNX model (the reference)")
     parser.add_argument("fused", type=Path, help="the fused ONNX model")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="where onnxruntime runs both models: auto (cuda where onnxruntime-gpu finds a GPU, else cpu), cpu, cuda")
     parser.add_argument("--inputs", type=Path, help=".npz (one array per input) or polygraphy inputs JSON "
                                                      "(polygraphy run --save-inputs); default: random")
     parser.add_argument("--shape", type=batch_seq_arg, default=DEFAULT_SHAPE, metavar="BATCHxSEQ",
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         check_output(args.json, "--json", args.original, args.fused, suffix=".json")
     report = compare(args.original, args.fused, inputs=args.inputs, shape=args.shape, seed=args.seed,
+                     provider=resolve_provider(args.provider),
                      atol=args.atol, rtol=args.rtol, max_kl=args.max_kl, min_top1=args.min_top1, verbose=args.verbose)
     print(format_report(report))
     if args.json is not None:

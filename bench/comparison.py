@@ -19,7 +19,7 @@ from passes.measure.change import logits_output, next_token_metrics
 from passes.support.calibration import Calibration, calibration_for, random_inputs
 from passes.support.errors import fail
 from passes.support.graph_inputs import value_dims, vocab_sizes
-from passes.support.onnx_io import load_model
+from passes.support.onnx_io import execution_providers, load_model
 from passes.support.report import differences
 
 DEFAULT_SHAPE = (1, 16)
@@ -237,7 +237,8 @@ def _quiet_polygraphy(verbose: bool) -> None:
         pass
 
 
-def run_both(original: Interface, fused: Interface, feeds: dict, atols: dict, rtols: dict, verbose: bool):
+def run_both(original: Interface, fused: Interface, feeds: dict, atols: dict, rtols: dict, verbose: bool,
+             provider: str | None = "cpu"):
     """polygraphy: both models on the feeds (Comparator.run) and the elementwise check of fused against
     original (Comparator.compare_accuracy). Returns (results, accuracy, seconds)."""
     import warnings
@@ -246,7 +247,7 @@ def run_both(original: Interface, fused: Interface, feeds: dict, atols: dict, rt
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.exception import PolygraphyException
     _quiet_polygraphy(verbose)
-    runners = [OnnxrtRunner(SessionFromOnnx(str(iface.path), providers=["CPUExecutionProvider"]), name=name)
+    runners = [OnnxrtRunner(SessionFromOnnx(str(iface.path), providers=execution_providers(provider)), name=name)
                for name, iface in (("original", original), ("fused", fused))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -269,8 +270,9 @@ def run_both(original: Interface, fused: Interface, feeds: dict, atols: dict, rt
 
 def compare(original: Path, fused: Path, *, inputs: Path | None = None, shape: tuple[int, int] = DEFAULT_SHAPE,
             seed: int = DEFAULT_SEED, atol: float | None = None, rtol: float | None = None,
-            max_kl: float | None = None, min_top1: float | None = None, verbose: bool = False) -> dict:
-    """Inputs, both runs, statistics and verdict; returns the report dict."""
+            max_kl: float | None = None, min_top1: float | None = None, verbose: bool = False,
+            provider: str | None = "cpu") -> dict:
+    """Inputs, both runs (onnxruntime on `provider`), statistics and verdict; returns the report dict."""
     start = time.perf_counter()
     original, fused = Path(original), Path(fused)
     if original.resolve() == fused.resolve():
@@ -281,7 +283,7 @@ def compare(original: Path, fused: Path, *, inputs: Path | None = None, shape: t
     out_types = {o.name: o.elem_type for o in orig_if.outputs}
     atols = {n: atol if atol is not None else default_tolerance(t) for n, t in out_types.items()}
     rtols = {n: rtol if rtol is not None else default_tolerance(t) for n, t in out_types.items()}
-    results, accuracy, run_s = run_both(orig_if, fused_if, calib.feeds, atols, rtols, verbose)
+    results, accuracy, run_s = run_both(orig_if, fused_if, calib.feeds, atols, rtols, verbose, provider)
     iterations = next(iter(accuracy[0].values()))
     outputs = output_statistics(orig_if, iterations, results["original"], results["fused"], atols, rtols)
     lm = language_model_statistics(orig_if, calib.feeds, results["original"][0], results["fused"][0], inputs is not None)

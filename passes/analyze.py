@@ -29,7 +29,7 @@ from passes.measure.metrics import SCOPES, compute_metrics, parse_block_spec
 from passes.measure.plots import blocks_plot_path
 from passes.support.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
 from passes.support.errors import fail, run_cli
-from passes.support.onnx_io import load_model
+from passes.support.onnx_io import PROVIDERS, load_model, resolve_provider
 from passes.support.outputs import Staging, check_output
 from passes.support.ranges import spans
 from passes.support.report import table
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m passes.analyze", description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("model", help="ONNX model (external data is read in place, never modified)")
     parser.add_argument("-o", "--output", required=True, help="write the JSON report here")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="where onnxruntime runs the measurement: auto (cuda where onnxruntime-gpu finds a GPU, "
+                             "else cpu), cpu or cuda")
     parser.add_argument("--inputs", help="calibration inputs: FILE.npz (one array per graph input) or a polygraphy "
                                          "--save-inputs JSON (default: random token ids, with a warning)")
     parser.add_argument("--blocks", help="FFN ordinals to analyze, e.g. 3-10 or 1,4,6-9 (default: all)")
@@ -94,6 +97,7 @@ def summary(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.provider = resolve_provider(args.provider)    # before any work: --provider cuda needs a GPU
     start = time.perf_counter()
     out, plot = Path(args.output), Path(args.plot) if args.plot else None
     inputs = [Path(args.model)] + ([Path(args.inputs)] if args.inputs else [])
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_for(model, args.inputs, batch=args.batch, seq=args.seq, seed=args.seed)
     print(f"analyze: {args.model}: {len(structure.blocks)} FFN blocks, measuring {len(ordinals)} on "
           f"{calib.record()['tokens']} tokens ...", flush=True)
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, structure=structure,
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, structure=structure, provider=args.provider,
                               predict=args.max_group if args.max_group > 1 else None)
     record = structure.record()
     report = {

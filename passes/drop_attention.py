@@ -21,7 +21,7 @@ from passes.attention.stream import Sublayer, find_stream
 from passes.measure.ranking import rank_sublayers
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
-from passes.support.onnx_io import check_not_input, load_model
+from passes.support.onnx_io import PROVIDERS, check_not_input, load_model, resolve_provider
 from passes.support.outputs import Staging, check_output
 from passes.support.ranges import expand, parse_ranges, spans
 from passes.support.report import table
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="write the model without the chosen attention sublayers here")
     parser.add_argument("--layers", help="layers whose attention to remove, e.g. 20-23,27")
     parser.add_argument("--rank", action="store_true", help="rank attention sublayers by how little removing each one alone changes the output")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="where onnxruntime runs the measurement: auto (cuda where onnxruntime-gpu finds a GPU, "
+                             "else cpu), cpu or cuda")
     parser.add_argument("--inputs", help="calibration inputs for --rank (npz, polygraphy JSON or JSON token lists)")
     parser.add_argument("--report", help="JSON report")
     parser.add_argument("--plot", help="PNG of the ranking (with --rank)")
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.provider = resolve_provider(args.provider)    # before any work: --provider cuda needs a GPU
     if not args.rank and not (args.output and args.layers):
         fail("give -o OUT.onnx --layers SPEC to drop attention, or --rank to rank the layers")
     if bool(args.output) != bool(args.layers):
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             calib = calibration_for(model, args.inputs)
             print(f"  ranking: removing each of {len(attention)} attention sublayers alone on "
                   f"{calib.record()['tokens']} tokens ...", flush=True)
-            ranking, cost = rank_sublayers(model, attention, calib.feeds)
+            ranking, cost = rank_sublayers(model, attention, calib.feeds, provider=args.provider)
             ranking.sort(key=lambda r: r["kl_removed_alone"])
             report.update(ranking=ranking, inputs=calib.record(), cost=cost.record())
             print(table([(r["layer"], r["cosdist"], r["ratio"], r["kl_removed_alone"], f"{r['top1_removed_alone']:.1%}")

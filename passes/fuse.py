@@ -20,7 +20,7 @@ from passes.measure.change import change_summary, measure_change
 from passes.pipeline import Plan, choose_groups, fuse_model, stage_fused
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail, run_cli
-from passes.support.onnx_io import check_not_input, load_model
+from passes.support.onnx_io import PROVIDERS, check_not_input, load_model, resolve_provider
 from passes.support.outputs import Staging, check_output
 from passes.support.ranges import spans
 from passes.support.report import table
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=_threshold,
                         help=f"--plan auto by the paper's metric instead: largest M[i][j] inside a group (e.g. "
                              f"{DEFAULT_THRESHOLD}), the last block of each chain kept")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="where onnxruntime runs the measurement: auto (cuda where onnxruntime-gpu finds a GPU, "
+                             "else cpu), cpu or cuda")
     parser.add_argument("--inputs", help="calibration inputs (npz, polygraphy JSON or JSON token lists; see bench.inputs) "
                                          "for --plan auto and to measure the change the fusion makes (default for "
                                          "--plan auto: random token ids, with a warning)")
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.provider = resolve_provider(args.provider)    # before any work: --provider cuda needs a GPU
     model_path = Path(args.model)
     out = Path(args.output) if args.output else model_path.with_name(model_path.name.removesuffix(".onnx") + ".fused.onnx")
     if args.plan is not None and args.groups is not None:
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         Plan(args.plan or "paper", max_group=args.max_group, max_kl=args.max_kl, target_depth=args.target_depth,
              threshold=args.threshold)
     calib = calibration_for(model, args.inputs) if plan.rule == "auto" or args.inputs is not None else None
-    chosen = choose_groups(model, structure, plan, calib)
+    chosen = choose_groups(model, structure, plan, calib, provider=args.provider)
     groups, plan, auto = chosen.groups, chosen.plan, chosen.auto
     report = {"tool": "passes.fuse", "input": str(model_path), "output": str(out), "plan": plan,
               "command": ["python", "-m", "passes.fuse", *(argv if argv is not None else sys.argv[1:])],
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                              external={"auto": None, "always": True, "never": False}[args.external_data])
         if calib is not None:
             print(f"  measuring the change on {calib.record()['tokens']} tokens ...", flush=True)
-            report["change"] = measure_change(model, load_model(staged), calib)
+            report["change"] = measure_change(model, load_model(staged), calib, args.provider)
         report["seconds"] = round(time.perf_counter() - start, 3)
         if args.report:
             staging.json(Path(args.report), report)

@@ -80,8 +80,9 @@ class Fusion:
 
 
 def choose_groups(model: LoadedModel, structure: ModelStructure, plan: Plan, calib: Calibration | None = None, *,
-                  progress: bool = True) -> Chosen:
-    """The groups `plan` picks on this model (rule "auto" measures on `calib`, which it then needs)."""
+                  progress: bool = True, provider: str | None = "cpu") -> Chosen:
+    """The groups `plan` picks on this model (rule "auto" measures on `calib`, which it then needs, with
+    onnxruntime on `provider`)."""
     if plan.rule == "groups":
         return Chosen(list(plan.groups), plan.describe(), None)
     if plan.rule == "paper":
@@ -89,7 +90,7 @@ def choose_groups(model: LoadedModel, structure: ModelStructure, plan: Plan, cal
     if calib is None:
         raise ValueError("rule 'auto' needs calibration inputs")
     groups, auto = auto_plan(model, structure, calib, max_cost=plan.max_kl, target_depth=plan.target_depth,
-                             threshold=plan.threshold, max_group=plan.max_group, progress=progress)
+                             threshold=plan.threshold, max_group=plan.max_group, progress=progress, provider=provider)
     return Chosen(groups, plan.describe(auto), auto)
 
 
@@ -149,12 +150,12 @@ def fuse_file(model_path: str | Path, out_path: str | Path, *, plan: Plan | None
 
 def auto_plan(model: LoadedModel, structure: ModelStructure, calib: Calibration, *, max_cost: float | None = None,
               target_depth: int | None = None, threshold: float | None = None, max_group: int | None = None,
-              progress: bool = True) -> tuple[list[Group], dict]:
+              progress: bool = True, provider: str | None = "cpu") -> tuple[list[Group], dict]:
     """Measure the chains on `calib` and plan: by predicted cost under max_cost (default DEFAULT_MAX_COST) or to
     target_depth, or with `threshold` by the M rule. Returns the groups and a JSON-ready record (inputs, rule,
     metrics, dependency, candidates with predicted cost and max M, cost of the analysis)."""
     if threshold is not None:
-        return _threshold_plan(model, structure, calib, threshold, max_group, progress)
+        return _threshold_plan(model, structure, calib, threshold, max_group, progress, provider)
     if max_cost is None and target_depth is None:
         max_cost = DEFAULT_MAX_COST
     longest = max_group or DEFAULT_MAX_GROUP
@@ -165,14 +166,15 @@ def auto_plan(model: LoadedModel, structure: ModelStructure, calib: Calibration,
     if not ordinals:
         record.update(groups=[], reason="no chain of 2 or more FFN blocks; nothing to measure")
         return [], record
-    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress, structure=structure, predict=longest)
+    metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress, structure=structure, predict=longest,
+                              provider=provider)
     groups, cost, reason = plan_by_budget(structure.chains, metrics.candidates, len(structure.blocks), max_cost, target_depth)
     record.update(inputs=calib.record(), groups=[[g.first, g.last] for g in groups], predicted_cost=cost,
                   unit=metrics.change_unit, **({"reason": reason} if reason else {}), **metrics.record())
     return groups, record
 
 
-def _threshold_plan(model, structure, calib, threshold, max_group, progress) -> tuple[list[Group], dict]:
+def _threshold_plan(model, structure, calib, threshold, max_group, progress, provider) -> tuple[list[Group], dict]:
     """The M rule (plan_from_metrics), with `closest`: the neighbouring pairs with the smallest M."""
     keep_last = True
     record: dict = {"plan": "auto", "threshold": threshold, "max_group": max_group, "keep_last": keep_last,
@@ -183,7 +185,7 @@ def _threshold_plan(model, structure, calib, threshold, max_group, progress) -> 
                       reason=f"no chain of {3 if keep_last else 2} or more FFN blocks; nothing to measure")
         return [], record
     metrics = compute_metrics(model, calib.feeds, ordinals, scope="chains", progress=progress,
-                              structure=structure)
+                              structure=structure, provider=provider)
     groups, candidates = plan_from_metrics(structure.chains, metrics, threshold, max_group, keep_last, structure.blocks)
     measured = set(metrics.ordinals)
     pairs = sorted((metrics.m(i, i + 1), i) for i in metrics.ordinals if i + 1 in measured and metrics.m(i, i + 1) is not None)

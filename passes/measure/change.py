@@ -15,7 +15,7 @@ import numpy as np
 
 from passes.support.calibration import calibration_for
 from passes.support.errors import fail
-from passes.support.onnx_io import LoadedModel, load_model, ort_session, run_session
+from passes.support.onnx_io import LoadedModel, execution_providers, load_model, ort_session, run_session
 
 TOKEN_CHUNK = 256      # next-token metrics are computed this many tokens at a time (vocab-sized float64 rows)
 
@@ -100,7 +100,7 @@ def measured_output(names: Sequence[str]) -> tuple[str, bool]:
     return (logits, True) if logits else (names[0], False)
 
 
-def measure_change(original, changed, inputs=None) -> dict:
+def measure_change(original, changed, inputs=None, provider: str | None = "cpu") -> dict:
     """Run both models (LoadedModel or path) on the same calibration inputs (see calibration.calibration_for) and
     compare every output: relative error |a - b| / |a| (Frobenius, float64) and max abs error; for the logits
     (logits_output) also the mean KL(p_original || p_changed) of the next-token distributions and top-1 agreement."""
@@ -110,7 +110,7 @@ def measure_change(original, changed, inputs=None) -> dict:
     calibration_for(changed, calib)        # the changed model must take the same inputs
     results = []
     for model in (original, changed):
-        session = ort_session(model.path)
+        session = ort_session(model.path, providers=execution_providers(provider))
         names = [o.name for o in session.get_outputs()]
         results.append(dict(zip(names, run_session(session, None, calib.feeds))))
         del session

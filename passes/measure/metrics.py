@@ -133,11 +133,12 @@ def parse_block_spec(spec: str, n_blocks: int) -> list[int]:
 
 def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], ordinals: Sequence[int] | None = None, *,
                     scope: str = "all", progress: bool = True, structure: ModelStructure | None = None,
-                    predict: int | None = None, probe_tokens: int = PROBE_TOKENS) -> Metrics:
+                    predict: int | None = None, probe_tokens: int = PROBE_TOKENS, provider: str | None = "cpu") -> Metrics:
     """cosdist_io, ratio and the dependency matrix M for `ordinals` (default: every FFN block) on `feeds`
     (already validated, see passes.support.calibration); `structure` is the model's (model_structure), found here when not given. scope "chains" measures M only between blocks of one chain.
     With `predict` = G, also the predicted cost of fusing every run of 2..G blocks of a chain among `ordinals`
-    (passes.measure.predict), from the same runs plus suffix runs to the output for the blocks that end a run."""
+    (passes.measure.predict), from the same runs plus suffix runs to the output for the blocks that end a run.
+    `provider`: where onnxruntime runs (passes.support.onnx_io.resolve_provider)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}")
     if not isinstance(model, LoadedModel):
@@ -168,7 +169,7 @@ def compute_metrics(model: LoadedModel | str, feeds: Mapping[str, np.ndarray], o
     removals = [(blocks[i], [blocks[j].contribution for j in later[i]], f"remove {i}") for i in removed]
     removals += [(blocks[z], [output], f"pair {z - 1}-{z}", True) for z in sorted(ends)]
     base_targets = list(dict.fromkeys([*x_names.values(), *h_names.values(), *([output] if output else [])]))
-    with SuffixRuns(model, feeds, base_targets, removals, float_names=bf16, progress=progress) as runs:
+    with SuffixRuns(model, feeds, base_targets, removals, float_names=bf16, progress=progress, provider=provider) as runs:
         base = runs.base()
         xs = {o: base[x_names[o]] for o in ordinals}
         hs = {o: base[h_names[o]] for o in ordinals}

@@ -24,7 +24,7 @@ from passes.support.onnx_io import LoadedModel
 
 
 def rank_sublayers(model: LoadedModel, sublayers: Sequence[Sublayer], feeds: Mapping[str, np.ndarray], *,
-                   progress: bool = True) -> tuple[list[dict], Cost]:
+                   progress: bool = True, provider: str | None = "cpu") -> tuple[list[dict], Cost]:
     """One record per sublayer (layer, cosdist, ratio, kl_removed_alone, top1_removed_alone), in stream order,
     and what the measurement cost."""
     graph = model.proto.graph
@@ -39,7 +39,7 @@ def rank_sublayers(model: LoadedModel, sublayers: Sequence[Sublayer], feeds: Map
     base_targets = list(dict.fromkeys([logits, *(t for s in sublayers for t in (s.residual_in, s.contribution))]))
     removals = [(s, [logits], f"remove layer {s.layer}") for s in sublayers]
     records = []
-    with SuffixRuns(model, feeds, base_targets, removals, float_names=float_names, progress=progress,
+    with SuffixRuns(model, feeds, base_targets, removals, float_names=float_names, progress=progress, provider=provider,
                     desc="removing one sublayer at a time") as runs:
         base = runs.base()
         for k, s in enumerate(sublayers):

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from passes.support.errors import fail
 from passes.support.graph import GraphIndex
 from passes.support.graph_inputs import ort_type_to_onnx
-from passes.support.onnx_io import LoadedModel, ort_session, run_session
+from passes.support.onnx_io import LoadedModel, execution_providers, ort_session, resolve_provider, run_session
 
 COST_DEFINITION = ("forward_pass_equivalents = sum over every part of the analysis of the weight-MatMul FLOPs executed per "
                    "calibration token (onnxruntime runs: MatMul/Gemm/MatMulNBits with a constant operand, 2 x its size per "
@@ -47,6 +47,7 @@ class Cost:
     runs: int
     per_run: list[dict] = field(default_factory=list)   # {"run", "part", "forward_pass_fraction", "nodes", "seconds"}
     definition: str = COST_DEFINITION
+    provider: str = "cpu"                 # where onnxruntime ran
 
     @property
     def parts(self) -> dict[str, dict]:
@@ -212,9 +213,9 @@ def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Ma
 
 # ---------------------------------------------------------------- running
 
-def _session(model: onnx.ModelProto, base_dir):
+def _session(model: onnx.ModelProto, base_dir, providers: list):
     try:
-        return ort_session(model, base_dir=base_dir)
+        return ort_session(model, base_dir=base_dir, providers=providers)
     except Exception as exc:
         _explain_ort_failure(exc)
         raise
@@ -224,7 +225,7 @@ def _explain_ort_failure(exc: Exception) -> None:
     text = str(exc)
     if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
         line = text.strip().splitlines()[0]
-        fail(f"onnxruntime (CPU) cannot run this model: {line}")
+        fail(f"onnxruntime cannot run this model: {line}")
 
 
 def _numpy(values: Mapping, name: str) -> np.ndarray:
@@ -247,13 +248,17 @@ class SuffixRuns:
     cast to the contribution's type), and the targets are computed from there; everything the suffix reads from before the
     cut is fed from the base run. All cuts are planned up front, so the base run exposes every boundary tensor
     once. `float_names`: bfloat16 tensors among the targets, returned cast to float32 (numpy has no bfloat16).
-    Use as a context manager (it owns a progress bar); `cost()` charges the runs in forward-pass equivalents."""
+    `provider`: "cpu", "cuda" or "auto" (passes.support.onnx_io.resolve_provider); values move between runs in
+    host memory. Use as a context manager (it owns a progress bar); `cost()` charges the runs in forward-pass
+    equivalents."""
 
     def __init__(self, model: LoadedModel, feeds: Mapping[str, np.ndarray], base_targets: Sequence[str],
                  removals: Sequence[tuple["Removable", Sequence[str], str]], *, float_names: set[str] = frozenset(),
-                 progress: bool = True, desc: str = "analysis"):
+                 progress: bool = True, desc: str = "analysis", provider: str | None = "cpu"):
         from tqdm import tqdm
         self.start = time.perf_counter()
+        self.provider = resolve_provider(provider)
+        self.providers = execution_providers(self.provider)
         self.model, self.feeds, self.float_names = model, feeds, set(float_names)
         self.net = GraphIndex.build(model.proto.graph)
         self.flops = weight_flops(self.net)
@@ -281,7 +286,8 @@ class SuffixRuns:
         import onnxruntime as ort
         self.bar.set_postfix_str(cut.label)
         t0 = time.perf_counter()
-        session = _session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir)
+        session = _session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir,
+                           self.providers)
         self.session_seconds += time.perf_counter() - t0
         names = [o.name for o in session.get_outputs()]
         values = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
@@ -333,4 +339,4 @@ class SuffixRuns:
         return Cost(forward_pass_equivalents=float(sum(fractions)),
                     node_fraction=float(sum(r["nodes"] for r in self.run_log) / max(len(self.net.graph.node), 1)),
                     seconds=time.perf_counter() - self.start, session_seconds=self.session_seconds,
-                    runs=len(self.run_log), per_run=self.run_log)
+                    runs=len(self.run_log), per_run=self.run_log, provider=self.provider)

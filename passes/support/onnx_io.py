@@ -384,9 +384,35 @@ def _copy_range(src: Path, offset: int, count: int, dst) -> None:
 
 # ---------------------------------------------------------------- verification
 
-def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: list[str] | None = None,
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def resolve_provider(provider: str | None) -> str:
+    """"cpu" or "cuda" for a --provider choice: auto (or None) is cuda where this onnxruntime has the CUDA
+    execution provider (onnxruntime-gpu on a machine with a GPU), else cpu; cuda without it is a UserError."""
+    import onnxruntime as ort
+    available = "CUDAExecutionProvider" in ort.get_available_providers()
+    if provider in (None, "auto"):
+        return "cuda" if available else "cpu"
+    if provider == "cuda" and not available:
+        fail("--provider cuda: this onnxruntime has no CUDA execution provider (install onnxruntime-gpu on a machine "
+             "with an NVIDIA GPU), or use --provider cpu")
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    return provider
+
+
+def execution_providers(provider: str | None) -> list:
+    """onnxruntime's providers list for "cpu" or "cuda" (CUDA first, CPU for the ops CUDA lacks)."""
+    if resolve_provider(provider) == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: list | None = None,
                 base_dir: Path | None = None):
-    """An onnxruntime session over a file, or over an in-memory graph whose external data lies in base_dir.
+    """An onnxruntime session over a file, or over an in-memory graph whose external data lies in base_dir
+    (providers: execution_providers(...); default the CPU).
 
     light=True skips graph optimizations and weight prepacking (a load check)."""
     import onnxruntime as ort

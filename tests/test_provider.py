@@ -1,0 +1,62 @@
+"""--provider on the commands that run a model (analyze, fuse --plan auto / --inputs, drop_attention --rank,
+bench.compare): cpu gives the numbers of the library's default, auto resolves to what this onnxruntime has, and
+cuda where onnxruntime has no CUDA execution provider is refused before any work, one line, exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from passes.analyze import main as analyze_main
+from passes.measure.metrics import compute_metrics
+from passes.support.onnx_io import resolve_provider
+from tests.residual_models import TinyLM, export_lm
+from tests.test_foreign_forms import quiet
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("provider")
+    path = export_lm(TinyLM(layout="AFFFAFFF"), folder / "lm.onnx")
+    np.savez(folder / "ids.npz", input_ids=np.random.default_rng(0).integers(0, 64, (2, 16)))
+    return path, folder / "ids.npz"
+
+
+def test_auto_is_what_onnxruntime_has():
+    assert resolve_provider("auto") == resolve_provider(None) == ("cuda" if HAS_CUDA else "cpu")
+    assert resolve_provider("cpu") == "cpu"
+
+
+def test_cpu_provider_gives_the_librarys_numbers(lm, tmp_path):
+    path, ids = lm
+    report = tmp_path / "r.json"
+    assert quiet(analyze_main, [path, "--inputs", ids, "-o", report, "--provider", "cpu"]) == 0
+    record = json.loads(report.read_text())
+    assert record["cost"]["provider"] == "cpu"
+    metrics = compute_metrics(path, dict(np.load(ids)), progress=False)
+    np.testing.assert_array_equal(np.array(record["dependency"]["matrix"], dtype=float),
+                                  np.array([[np.nan if v is None else v for v in row] for row in metrics.dependency], dtype=float))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has a CUDA execution provider")
+@pytest.mark.parametrize("argv", [
+    ["passes.analyze", "{model}", "-o", "{tmp}/r.json", "--provider", "cuda"],
+    ["passes.fuse", "{model}", "-o", "{tmp}/f.onnx", "--plan", "auto", "--provider", "cuda"],
+    ["passes.drop_attention", "{model}", "--rank", "--provider", "cuda"],
+    ["bench.compare", "{model}", "{model}", "--provider", "cuda"],
+])
+def test_cuda_without_a_gpu_is_refused_before_any_work(lm, tmp_path, argv):
+    path, _ = lm
+    args = [a.format(model=path, tmp=tmp_path) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no CUDA execution provider" in lines[0], proc.stderr
+    assert not list(tmp_path.iterdir())
