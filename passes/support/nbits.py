@@ -34,10 +34,6 @@ class Quantized:
     def n(self) -> int:
         return self.b.shape[0]
 
-    @property
-    def n_blocks(self) -> int:
-        return self.b.shape[1]
-
     def tensors(self, prefix: str, scale_type: int) -> list[NewTensor]:
         """The MatMulNBits initializers: B, scales ([N, n_blocks], of `scale_type`) and packed zero points."""
         return stored_tensors(prefix, self.b.shape, self.scales.shape, scale_type, self.zero_points is not None,
