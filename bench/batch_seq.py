@@ -26,3 +26,15 @@ def batch_seq_arg(text: str) -> tuple[int, int]:
         return parse_batch_seq(text)
     except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_sizes(text: str, option: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]: comma-separated positive integers (the --batch / --tokens lists of the bench tools);
+    anything else is a one-line UserError naming the option."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        fail(f"{option} takes comma-separated positive integers, e.g. 1,8,32; got '{text}'")
+    return sizes

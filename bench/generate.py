@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.batch_seq import parse_sizes
 from bench.results import write_result
 from passes.support.errors import fail, run_cli
 from passes.support.report import table
@@ -138,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folders = [args.a, args.b]
     facts = [folder_facts(f) for f in folders]
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        fail("--batch takes comma-separated integers, e.g. 1,8,32")
+    batches = parse_sizes(args.batch, "--batch")
     if args.provider == "cuda":
         from bench.latency import measure_device
         device = measure_device("cuda")

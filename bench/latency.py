@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
+from bench.batch_seq import parse_sizes
 from bench.comparison import check_same_interface, model_interface
 from passes.support.errors import fail, run_cli
 from passes.support.graph_inputs import concrete_shape, input_specs
@@ -234,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted not in available:
         fail(f"provider {args.provider} is not available here (available: {', '.join(available)}); "
              f"for cuda install onnxruntime-gpu on a machine with an NVIDIA GPU")
-    try:
-        tokens = [int(t) for t in args.tokens.split(",")]
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        fail("--tokens and --batch take comma-separated integers, e.g. 1,16,128")
+    tokens, batches = parse_sizes(args.tokens, "--tokens"), parse_sizes(args.batch, "--batch")
 
     device = measure_device(args.provider)
     costs = [model_cost(p) for p in paths]

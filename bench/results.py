@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-PACKAGES = ("onnx", "onnxruntime", "onnxruntime-gpu", "torch", "polygraphy", "numpy",
+PACKAGES = ("onnx", "onnxruntime", "onnxruntime-gpu", "torch", "polygraphy", "numpy", "vllm", "transformers",
             "tensorrt", "tensorrt-rtx-cu13-bindings")
 
 

@@ -12,6 +12,7 @@ import argparse
 import statistics
 import sys
 
+from bench.batch_seq import parse_sizes
 from bench.cuda_graphs import capture
 from bench.results import write_result
 from passes.support.report import table
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.latency import measure_device
     device = measure_device("cuda")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    tokens = [int(t) for t in args.tokens.split(",")]
+    tokens = parse_sizes(args.tokens, "--tokens")
     records = []
     for shape in args.shapes.split(","):
         d, m, k = (int(v) for v in shape.split("x"))

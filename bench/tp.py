@@ -69,6 +69,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from bench.batch_seq import parse_sizes  # noqa: E402
 from bench.cuda_graphs import capture  # noqa: E402
 from bench.results import write_result  # noqa: E402
 from bench.tp_model import Reference, block_weights, fuse_shards, fused_step, rel_err, seq_step, shard  # noqa: E402
@@ -301,8 +302,7 @@ def sweep(rank, world, device, args) -> int:
         if not ctx.graphs and rank == 0:
             print("WARNING: all-reduce in a CUDA graph does not work here; timing eagerly (graphs: false)", flush=True)
     dtype = DTYPES[args.dtype]
-    tokens = [int(t) for t in args.tokens.split(",")]
-    ks = [int(k) for k in args.k.split(",")]
+    tokens, ks = parse_sizes(args.tokens, "--tokens"), parse_sizes(args.k, "--k")
     name = args.name or (f"tp_w{world}" + (f"_emu{args.emulate_tp}" if args.emulate_tp > 1 else "")
                          + ("_quick" if args.quick else ""))
     if rank == 0:

@@ -44,7 +44,7 @@ import torch
 
 from models.config import DecoderConfig
 from models.decoder import DecodeStep, PuzzleDecoder
-from models.fused import drop_and_fuse, parse_changes
+from models.fused import PAPER, drop_and_fuse, parse_changes, planned_groups, without_attention
 from models.loaders import load_model, resolve_source
 from passes.support import onnx_io
 from passes.support.errors import UserError, run_cli
@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop", help="onnx, nemotron-nas: layers whose attention is removed, e.g. 5-7,17-18 "
                                        "(as models.heal --drop; no training: models.fused.drop_and_fuse)")
     parser.add_argument("--fuse", help="onnx, nemotron-nas: FFN groups fused (ordinals), e.g. 4-6,16-17 (as "
-                                       "models.heal --fuse)")
+                                       "models.heal --fuse), or paper: the paper's rule on the chains left after "
+                                       "--drop (passes.fuse --plan paper)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -415,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
 def _changed(model: PuzzleDecoder, args) -> PuzzleDecoder:
     """The model with --drop / --fuse applied (models.fused.drop_and_fuse, as models.heal builds its student)."""
     dropped, groups = args.changes
+    if groups == PAPER:
+        groups = planned_groups(without_attention(model.config, dropped), PAPER)
+        args.fuse = ",".join(f"{a}-{z}" for a, z in groups) + " (paper rule)"
     return drop_and_fuse(model, dropped, groups) if dropped or groups else model
 
 

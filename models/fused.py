@@ -20,8 +20,12 @@ import torch
 
 from models.config import DecoderConfig
 from models.decoder import PuzzleDecoder
+from passes.ffn.chains import Chain
+from passes.ffn.plan import paper_rule
 from passes.support.errors import UserError
 from passes.support.ranges import expand, parse_ranges
+
+PAPER = "paper"     # --fuse paper
 
 
 def ffn_layers(config: DecoderConfig) -> list[int]:
@@ -29,25 +33,57 @@ def ffn_layers(config: DecoderConfig) -> list[int]:
     return [i for i, spec in enumerate(config.layers) if spec.ffn_width is not None]
 
 
-def parse_changes(drop: str | None, fuse: str | None) -> tuple[list[int], list[tuple[int, int]]]:
-    """The --drop LAYERS and --fuse GROUPS of models.heal and exporters.export as drop_and_fuse takes them: layers
-    whose attention is removed ("5-7,17-18" -> [5, 6, 7, 17, 18]) and FFN groups of ordinals ("4-6,16-17" ->
-    [(4, 6), (16, 17)]); None or "" gives nothing. A malformed range is a UserError naming the option."""
-    dropped = expand(parse_ranges(drop, "--drop", "5-7,17-18")) if drop else []
-    groups = parse_ranges(fuse, "--fuse", "4-6,16-17") if fuse else []
-    return dropped, groups
+def ffn_chains(config: DecoderConfig) -> list[Chain]:
+    """The chains of the model, as passes.ffn.chains finds them in its exported graph: maximal runs of FFN ordinals
+    with no attention between one FFN and the next (layers after the first FFN up to the next FFN, inclusive)."""
+    where, chains, run = ffn_layers(config), [], []
+    for t, layer in enumerate(where):
+        if run and any(config.layers[i].attention for i in range(where[t - 1] + 1, layer + 1)):
+            chains.append(Chain(tuple(run)))
+            run = []
+        run.append(t)
+    return chains + [Chain(tuple(run))] if run else chains
 
 
-def drop_and_fuse(model: PuzzleDecoder, dropped: list[int] = (), groups: list[tuple[int, int]] = ()) -> PuzzleDecoder:
-    """A new PuzzleDecoder (the input is left as it is): attention removed in layers `dropped`, then every FFN
-    group (a, z) of ordinals fused. Refused (UserError): a layer without attention in `dropped`, a group out of
-    range, overlapping, or with attention (or another FFN) between its first and last FFN."""
-    config = copy.deepcopy(model.config)
+def without_attention(config: DecoderConfig, dropped: list[int]) -> DecoderConfig:
+    """A copy of `config` with the attention of layers `dropped` removed (UserError: a layer without attention)."""
     layers = list(config.layers)
     for i in dropped:
         if not 0 <= i < len(layers) or not layers[i].attention:
             raise UserError(f"layer {i} has no attention to drop")
         layers[i] = replace(layers[i], attention=False, num_kv_heads=None)
+    return replace(copy.deepcopy(config), layers=layers)
+
+
+def planned_groups(config: DecoderConfig, groups: list[tuple[int, int]] | str) -> list[tuple[int, int]]:
+    """`groups` as given, or for PAPER the paper's rule (passes.ffn.plan.paper_rule) on the chains of `config`
+    (the model after dropping attention)."""
+    if groups == PAPER:
+        return [(g.first, g.last) for g in paper_rule(ffn_chains(config))]
+    return list(groups)
+
+
+def parse_changes(drop: str | None, fuse: str | None) -> tuple[list[int], list[tuple[int, int]] | str]:
+    """The --drop LAYERS and --fuse GROUPS of models.heal and exporters.export as drop_and_fuse takes them: layers
+    whose attention is removed ("5-7,17-18" -> [5, 6, 7, 17, 18]) and FFN groups of ordinals ("4-6,16-17" ->
+    [(4, 6), (16, 17)]), or PAPER ("paper": the paper's rule on the chains left after dropping); None or "" gives
+    nothing. A malformed range is a UserError naming the option."""
+    dropped = expand(parse_ranges(drop, "--drop", "5-7,17-18")) if drop else []
+    if fuse == PAPER:
+        return dropped, PAPER
+    groups = parse_ranges(fuse, "--fuse", "4-6,16-17 or paper") if fuse else []
+    return dropped, groups
+
+
+def drop_and_fuse(model: PuzzleDecoder, dropped: list[int] = (),
+                  groups: list[tuple[int, int]] | str = ()) -> PuzzleDecoder:
+    """A new PuzzleDecoder (the input is left as it is): attention removed in layers `dropped`, then every FFN
+    group (a, z) of ordinals fused (PAPER: passes.ffn.plan.paper_rule on the chains after dropping). Refused
+    (UserError): a layer without attention in `dropped`, a group out of range, overlapping, or with attention (or
+    another FFN) between its first and last FFN."""
+    config = without_attention(model.config, dropped)
+    layers = list(config.layers)
+    groups = planned_groups(config, groups)
     where = ffn_layers(config)
     taken: set[int] = set()
     plan = []

@@ -173,6 +173,26 @@ def test_drop_and_fuse_without_training_is_models_fused(nvidia, tmp_path):
         assert rel_err(logits, drop_and_fuse(load_model(str(nvidia)), [4, 5], [(0, 1), (2, 4)])(ids)) < 1e-5
 
 
+def test_fuse_paper_is_the_paper_rule_of_passes_fuse_on_the_exported_graph(nvidia, tmp_path):
+    """--fuse paper picks the groups passes.fuse --plan paper picks on the dropped model's ONNX graph (found there by
+    the graph matcher, an independent reading of the chains), and writes what --fuse with those groups writes."""
+    from passes.fuse import main as fuse_main
+    export(nvidia, "-o", tmp_path / "dropped.onnx", "--drop", DROP)
+    report = tmp_path / "report.json"
+    assert fuse_main([str(tmp_path / "dropped.onnx"), "-o", str(tmp_path / "fused.onnx"), "--plan", "paper",
+                      "--report", str(report)]) == 0
+    groups = json.loads(report.read_text())["groups"]
+    assert groups == [[0, 3]]            # after the drop, ordinals 0-4 are one chain: all but its last block
+    export(nvidia, "-o", tmp_path / "paper", "--runtime", "nemotron-nas", "--drop", DROP, "--fuse", "paper")
+    export(nvidia, "-o", tmp_path / "explicit", "--runtime", "nemotron-nas", "--drop", DROP,
+           "--fuse", ",".join(f"{a}-{z}" for a, z in groups))
+    config = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("paper", "explicit")]
+    assert config[0] == config[1]
+    paper, explicit = load_model(str(tmp_path / "paper")), load_model(str(tmp_path / "explicit"))
+    for (name, a), (_, b) in zip(paper.state_dict().items(), explicit.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--runtime", "genai", "--drop", "4"], "--drop and --fuse are for --runtime onnx and nemotron-nas"),
     (["--runtime", "nemotron-nas", "--drop", "4-x"], "--drop"),
