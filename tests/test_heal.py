@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 from exporters.export import export_onnx
@@ -112,7 +114,8 @@ def test_heal_config_has_the_cli_defaults(tmp_path):
 
 def test_heal_few_steps_on_cpu(tmp_path):
     out, report = tmp_path / "healed", tmp_path / "heal.json"
-    assert heal_main(heal_args(out, "--steps", "30", "--hidden-weight", "0.1", "--report", str(report))) == 0
+    assert heal_main(heal_args(out, "--steps", "30", "--hidden-weight", "0.1", "--report", str(report),
+                               "--keep-state")) == 0
     export_onnx(load_model(str(out)), tmp_path / "healed.onnx", "fp32")    # the healed folder's ONNX (exporters)
     record = json.loads(report.read_text())
     curve = record["curve"]
@@ -127,23 +130,25 @@ def test_heal_few_steps_on_cpu(tmp_path):
     with torch.no_grad():
         logits = healed(ids)
     assert rel_err(logits, onnx_logits) < 1e-5
-    saved = torch.load(f"{out}.state/state.pt")["student"]      # the trained weights, before padding
-    student = drop_and_fuse(build_preset("puzzle-tiny")[0], DROP, GROUPS)
-    student.load_state_dict(saved)
+    student = drop_and_fuse(build_preset("puzzle-tiny")[0], DROP, GROUPS)   # the kept state's trained weights,
+    saved = {"model": student.state_dict()}                                    # before padding
+    dcp.load(saved, checkpoint_id=f"{out}.state/checkpoint")
+    student.load_state_dict(saved["model"])
     with torch.no_grad():
         assert rel_err(logits, student(ids)) < 1e-6
 
-    # an interrupted run (no output yet) resumes from its state: the curve goes on
+    # an interrupted run (no output yet) resumes from its state: the curve goes on; a clean finish removes the state
     shutil.rmtree(out)
     assert heal_main(heal_args(out, "--steps", "40", "--resume", "--report", str(report))) == 0
     curve = json.loads(report.read_text())["curve"]
     assert [c["step"] for c in curve] == [0, 10, 20, 30, 40]
+    assert not Path(f"{out}.state").exists()
 
 
 def test_run_heal_as_a_library(tmp_path):
     result = run_heal(heal_config(tmp_path / "healed", steps=2, eval_every=1))
     assert result.output == tmp_path / "healed" and (result.output / "config.json").is_file()
-    assert result.state == tmp_path / "healed.state" and (result.state / "state.pt").is_file()
+    assert result.state == tmp_path / "healed.state" and not result.state.exists()     # removed after a clean finish
     assert [c["step"] for c in result.record["curve"]] == [0, 1, 2] and result.after == result.record["curve"][-1]
     assert result.before["step"] == 0 and result.teacher_perplexity > 1
     ids = random_ids(result.student.config.vocab_size)
