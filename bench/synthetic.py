@@ -6,13 +6,23 @@ A layer is "A" (attention + FFN), "F" (FFN only: attention no_op) or "a" (attent
            -> logits [batch, 1, vocab], present_key_i / present_value_i (past + 1)
   ffn:     x [batch, seq, d] -> x after k FFN blocks (no embedding, no attention)
 Attention is causal GQA without rotary embeddings (latency and graph structure are what matter here).
-Weights are drawn from a seeded pool of N(0, 0.02) values, so a 16 GB model is written at disk speed.
+Weights are drawn from a seeded pool of N(0, 0.02) values, so a 16 GB model is written at disk speed, one
+32 MiB chunk of one weight in memory at a time (passes.support.onnx_io streams them into the external data).
 
     python -m bench.synthetic --preset llama8b-puzzle -o m.onnx
+    python -m bench.synthetic --preset super49b --layers 40 -o super40.onnx    # 24.1 B parameters, 48 GB in bf16
+
+`super49b` has Llama-3.3-Nemotron-Super-49B's shapes (hidden 8192, 64 heads, 8 KV heads, vocab 128256, 80
+layers, 49.0 B parameters) with a Puzzle-like layout (not NVIDIA's exact block_configs): attention removed in
+runs of 2-7 layers, more of them in the second half, and per-layer FFN widths from 7168 to 28672. With weights
+N(0, 0.02) and unit norm gains, gate and up are N(0, 1.8^2) and an FFN adds about 0.02 sqrt(m) 2.4 = 4-8 (rms per
+element) to the residual stream, attention less: about 60 after 80 layers (a random walk), far inside bf16's and
+fp16's range. bf16 models are verified with onnx.checker only (onnxruntime's CPU kernels do not run bf16).
 """
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +34,7 @@ from passes.support.errors import fail, run_cli
 from passes.support.onnx_io import ModelOutput, NewTensor, np_dtype, save_model
 
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+POOL_STRIDE = 4099            # a weight's row r starts this many values after row r - 1 in the pool
 
 
 @dataclass(frozen=True)
@@ -36,16 +47,43 @@ class SyntheticConfig:
     layout: str = "A" * 32           # one letter a layer
     dtype: str = "fp16"
     eps: float = 1e-5
+    ffn_widths: tuple[int, ...] | None = None     # per layer (Puzzle); None: ffn_width everywhere
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def width(self, layer: int) -> int:
+        return self.ffn_width if self.ffn_widths is None else self.ffn_widths[layer]
+
+    def first(self, layers: int) -> "SyntheticConfig":
+        """The first `layers` layers (then the final norm and lm_head, as in the full model)."""
+        if not 1 <= layers <= len(self.layout):
+            fail(f"--layers {layers}: the model has {len(self.layout)} layers")
+        widths = None if self.ffn_widths is None else self.ffn_widths[:layers]
+        return SyntheticConfig(**{**self.__dict__, "layout": self.layout[:layers], "ffn_widths": widths})
+
+    def parameters(self) -> int:
+        """Weights of the prefill graph: embedding, per layer attention (q, k, v, o, norm) and FFN (gate, up, down,
+        norm), final norm, lm_head."""
+        d, kv = self.hidden, self.kv_heads * self.head_dim
+        attention = 2 * d * d + 2 * d * kv + d
+        ffn = sum(3 * d * self.width(i) + d for i, kind in enumerate(self.layout) if kind in "AF")
+        return 2 * self.vocab * d + d + attention * sum(kind in "Aa" for kind in self.layout) + ffn
+
+
+# Super-49B-like: attention removed in layers 12-14, 22-25, 33-36 (first half) and 42-47, 51-57, 61-66, 69-74, 77-78
+SUPER49B_LAYOUT = "".join("F" if i in {*range(12, 15), *range(22, 26), *range(33, 37), *range(42, 48), *range(51, 58),
+                                       *range(61, 67), *range(69, 75), 77, 78} else "A" for i in range(80))
+SUPER49B_WIDTHS = tuple([28672, 14336, 21504, 7168] * 10 + [28672, 21504, 28672, 14336] * 10)
 
 PRESETS = {
     # Llama-3.1-8B shapes, attention removed from the 16 middle layers (Puzzle removes it in runs):
     # 32 FFNs of which 17 form one chain, 16 attentions, ~15 GB in fp16.
     "llama8b-puzzle": SyntheticConfig(layout="A" * 8 + "F" * 16 + "A" * 8),
+    # Llama-3.3-Nemotron-Super-49B shapes (see the module docstring): 80 FFNs, 42 attentions, 98 GB in bf16
+    "super49b": SyntheticConfig(hidden=8192, heads=64, kv_heads=8, vocab=128256, layout=SUPER49B_LAYOUT,
+                                ffn_widths=SUPER49B_WIDTHS, dtype="bf16"),
     "tiny": SyntheticConfig(hidden=64, ffn_width=128, heads=4, kv_heads=2, vocab=256, layout="AFFFFAFFA", dtype="fp32"),
 }
 
@@ -61,6 +99,7 @@ class _Builder:
         self.new: dict[str, NewTensor] = {}
         rng = np.random.default_rng(seed)
         self.pool = (rng.standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np_dtype(self.T))
+        self.pool2 = np.concatenate([self.pool, self.pool])     # rows that run past the pool's end read on from its start
         self.cursor = 0
 
     def node(self, op, inputs, name, n_out=1, **attrs):
@@ -73,9 +112,10 @@ class _Builder:
         return name
 
     def weight(self, name, dims, fill=None):
-        """A [rows, cols] weight streamed from the pool (or constant `fill`)."""
-        dtype, pool, start = np_dtype(self.T), self.pool, self.cursor
-        self.cursor = (self.cursor + 7919 * dims[-1]) % len(pool)
+        """A [rows, cols] weight streamed from the pool (or constant `fill`): element (r, c) is
+        pool[(start + POOL_STRIDE r + c) % len(pool)]."""
+        dtype, start = np_dtype(self.T), self.cursor
+        self.cursor = (self.cursor + 7919 * dims[-1]) % len(self.pool)
         rows_per_chunk = max(1, (32 << 20) // (dims[-1] * dtype.itemsize))
 
         def chunks():
@@ -83,15 +123,23 @@ class _Builder:
             rows = dims[0] if len(dims) == 2 else 1
             for r0 in range(0, rows, rows_per_chunk):
                 n = min(rows, r0 + rows_per_chunk) - r0
-                if fill is not None:
-                    yield np.full((n, cols), fill, dtype)
-                    continue
-                idx = (start + (r0 + np.arange(n))[:, None] * 4099 + np.arange(cols)[None, :]) % len(pool)
-                yield pool[idx]
+                yield np.full((n, cols), fill, dtype) if fill is not None else self.pool_rows(start + POOL_STRIDE * r0, n, cols)
 
         self.new[name] = NewTensor(name, tuple(dims), self.T, chunks)
         self.inits.append(TensorProto(name=name, data_type=self.T, dims=dims))
         return name
+
+    def pool_rows(self, offset: int, rows: int, cols: int) -> np.ndarray:
+        """[rows, cols] with element (r, c) = pool[(offset + POOL_STRIDE r + c) % len(pool)], copied from strided views
+        of the doubled pool (no index arrays: a 48 GB model is written at disk speed)."""
+        size, out, r = len(self.pool), np.empty((rows, cols), self.pool.dtype), 0
+        while r < rows:
+            o = (offset + POOL_STRIDE * r) % size
+            run = min(rows - r, (size - 1 - o) // POOL_STRIDE + 1)     # rows starting before the pool's end
+            out[r:r + run] = np.lib.stride_tricks.as_strided(self.pool2[o:], (run, cols),
+                                                             (POOL_STRIDE * self.pool2.itemsize, self.pool2.itemsize))
+            r += run
+        return out
 
     # ---------------------------------------------------------------- blocks
     def rmsnorm(self, x, prefix):
@@ -198,7 +246,7 @@ def build(cfg: SyntheticConfig, mode: str = "prefill", seed: int = 0) -> tuple[o
                     b.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"{prefix}/{name}"))
                     outputs.append(helper.make_tensor_value_info(name, T, ["batch", cfg.kv_heads, "total", cfg.head_dim]))
         if kind in "AF":
-            x = b.ffn(x, prefix, cfg.ffn_width)
+            x = b.ffn(x, prefix, cfg.width(i))
     if mode == "ffn":
         b.nodes.append(helper.make_node("Identity", [x], ["y"], name="/output/Identity"))
         outputs.insert(0, helper.make_tensor_value_info("y", T, ["batch", "seq", d]))
@@ -214,8 +262,14 @@ def build(cfg: SyntheticConfig, mode: str = "prefill", seed: int = 0) -> tuple[o
 
 
 def write(cfg: SyntheticConfig, path: str | Path, mode: str = "prefill", seed: int = 0, verify: bool = True) -> Path:
+    """Write the model with external data; verified by onnx.checker and, unless it is bf16 (no CPU kernels), an
+    onnxruntime session."""
     model, new = build(cfg, mode, seed)
-    return save_model(ModelOutput(model, Path(path).parent, new), path, external=True, verify=verify)
+    full = verify and cfg.dtype != "bf16"
+    path = save_model(ModelOutput(model, Path(path).parent, new), path, external=True, verify=full)
+    if verify and not full:
+        onnx.checker.check_model(str(path))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,17 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--mode", choices=("prefill", "decode", "ffn"), default="prefill")
+    parser.add_argument("--layers", type=int, help="write only the first N layers (then the final norm and lm_head)")
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     cfg = PRESETS[args.preset]
     overrides = {k: v for k, v in (("layout", args.layout), ("hidden", args.hidden), ("ffn_width", args.ffn_width),
                                    ("vocab", args.vocab), ("dtype", args.dtype)) if v is not None}
+    if args.layout is not None or args.ffn_width is not None:
+        overrides["ffn_widths"] = None
     cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})
     if set(cfg.layout) - set("AFa"):
         fail(f"layout '{cfg.layout}' may only contain A (attention+FFN), F (FFN only), a (attention only)")
+    if args.layers is not None:
+        cfg = cfg.first(args.layers)
+    start = time.perf_counter()
     path = write(cfg, args.output, args.mode)
     print(f"wrote {path} ({cfg.layout.count('A') + cfg.layout.count('a')} attention, "
-          f"{cfg.layout.count('A') + cfg.layout.count('F')} FFN layers, hidden {cfg.hidden}, {cfg.dtype})")
+          f"{cfg.layout.count('A') + cfg.layout.count('F')} FFN layers, hidden {cfg.hidden}, {cfg.dtype}, "
+          f"{cfg.parameters() / 1e9:.3g} B parameters) in {time.perf_counter() - start:.0f} s")
     return 0
 
 

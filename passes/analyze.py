@@ -9,12 +9,20 @@ inside a chain): the first-order change of the model's output, next-token KL for
 (passes/measure/predict.py). M stays as the paper's reference; the prediction is what `passes.fuse --plan auto`
 plans with.
 
+The runs are segment-major by default (--stream segments, passes/measure/streams.py): the graph is cut at
+residual nodes into segments of about one sublayer, each segment's weights are loaded once (about 1x the
+model's bytes in all) and every run the analysis needs goes through it before the next, values kept on the GPU
+when they fit; so a model larger than GPU or host memory is analyzed. --stream suffix runs one session over the
+rest of the graph per removal (the weights read about n/2 times); both give the same numbers.
+
 Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, selected (ordinals analyzed),
 inputs (source, shapes; a warning for random tokens), tokens, metrics {ordinal: {cosdist_io, ratio}},
 dependency {ordinals, scope, matrix (row i, column j; null = not measured)}, candidates {unit, definition,
 groups: [{span, predicted_cost, relative_error, sensitivity, max_m}]}, cost {forward_pass_equivalents,
 node_fraction, seconds, session_seconds, runs, per_run, parts {name: {forward_pass_equivalents, seconds, count}},
-definition}, seconds.
+definition, provider, weights_read_bytes, weights_read_multiple, execution, segments, activations,
+activation_bytes_peak, per_segment [{segment, starts_at, weight_bytes, session_seconds, runs, run_seconds,
+forward_pass_fraction}]}, seconds.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from pathlib import Path
 
 from passes.ffn.plan import DEFAULT_MAX_GROUP
 from passes.ffn.structure import model_structure
-from passes.measure.metrics import SCOPES, compute_metrics, parse_block_spec
+from passes.measure.metrics import EXECUTIONS, SCOPES, compute_metrics, parse_block_spec
 from passes.measure.plots import blocks_plot_path
 from passes.support.calibration import DEFAULT_BATCH, DEFAULT_SEED, DEFAULT_SEQ, calibration_for
 from passes.support.errors import fail, run_cli
@@ -50,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", choices=PROVIDERS, default="auto",
                         help="where onnxruntime runs the measurement: auto (cuda where onnxruntime-gpu finds a GPU, "
                              "else cpu), cpu or cuda")
+    parser.add_argument("--stream", choices=EXECUTIONS, default="segments",
+                        help="segments: each segment of the graph loaded once, every run pushed through it (weights "
+                             "read once); suffix: one session per removal over the rest of the graph")
     parser.add_argument("--inputs", help="calibration inputs: FILE.npz (one array per graph input) or a polygraphy "
                                          "--save-inputs JSON (default: random token ids, with a warning)")
     parser.add_argument("--blocks", help="FFN ordinals to analyze, e.g. 3-10 or 1,4,6-9 (default: all)")
@@ -91,7 +102,9 @@ def summary(report: dict) -> str:
                            header=("group", f"predicted {candidates['unit']}", "max M")))
     parts = "; ".join(f"{name} {p['forward_pass_equivalents']:.3g} in {p['seconds']:.2f} s" for name, p in cost["parts"].items())
     lines.append(f"  cost: {cost['forward_pass_equivalents']:.3g} forward-pass equivalents ({parts}), "
-                 f"{cost['seconds']:.2f} s in all ({cost['session_seconds']:.2f} s creating sessions)")
+                 f"{cost['seconds']:.2f} s in all ({cost['session_seconds']:.2f} s creating sessions); weights read "
+                 f"{cost['weights_read_bytes'] / 1e9:.3g} GB = {cost['weights_read_multiple']:.3g}x the model "
+                 f"({cost['execution']}, {cost['provider']})")
     return "\n".join(lines)
 
 
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"analyze: {args.model}: {len(structure.blocks)} FFN blocks, measuring {len(ordinals)} on "
           f"{calib.record()['tokens']} tokens ...", flush=True)
     metrics = compute_metrics(model, calib.feeds, ordinals, scope=args.scope, structure=structure, provider=args.provider,
-                              predict=args.max_group if args.max_group > 1 else None)
+                              predict=args.max_group if args.max_group > 1 else None, execution=args.stream)
     record = structure.record()
     report = {
         "tool": "passes.analyze",

@@ -17,10 +17,12 @@ Measured on the real SmolLM2 (bench.smollm2.prediction): why the perturbation is
 of h_z: blocks late in the model have contributions so large that removing one is far outside the quadratic
 regime, and a sensitivity scaled from it under-predicted their pairs tenfold.
 
-What it costs: the base run (x_t, h_t and the output exposed) is shared with passes.measure.metrics; one suffix
-run per group end; F_z(x_{z-1}) on every calibration token; the other F_t(x_a) on at most `probe_tokens` tokens,
-each (a, t) with t - a < max_group once, in numpy (float32) from the blocks' weights. The report's cost counts
-all of it.
+What it costs: the base run is shared with passes.measure.metrics, and one run from z to the output per group
+end. The energies are taken on `probe_tokens` tokens spread evenly over the calibration tokens (probe_rows),
+each F_t(x_a) once. With the segment-major execution (the default) F_z(x_{z-1}) is block z's contribution in
+the removal run of block z - 1, and each other F_t(x_a) a run of block t alone on x_a (block t - 1 handed x_a and
+no contribution), in the model's own arithmetic; with the suffix execution both come from numpy (float32, the
+blocks' weights read again: FFNProbe). The report's cost counts all of it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from passes.ffn.linear import Weights
 from passes.ffn.match import FFNBlock
 from passes.ffn.plan import CandidateCost, why_not_fusable
 from passes.measure.change import next_token_agreement
-from passes.support.onnx_io import LoadedModel, initializer_map
+from passes.support.onnx_io import LoadedModel, initializer_map, tensor_nbytes
 
 PROBE_TOKENS = 512           # tokens the FFN probes F_t(x_a) are evaluated on
 PREDICTION_DEFINITION = ("predicted_cost(a..z) = s_z * E|delta(a..z)|^2 with delta(a..z) = sum_{t=a+1..z} F_t(x_a) - h_t "
@@ -82,6 +84,7 @@ class FFNProbe:
         self.weights = Weights(initializer_map(model.proto), model.base_dir)
         self.flops = 0.0       # weight-MatMul FLOPs spent, for the cost report
         self.seconds = 0.0     # time spent in calls
+        self.bytes_read = 0    # weight bytes read, for the cost report
 
     def __call__(self, block: FFNBlock, x: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -99,6 +102,7 @@ class FFNProbe:
         up = h @ w.rows(block.up, 0, d).astype(np.float32) + w.vector(block.up_bias, m, np.float32)
         act = gate / (1 + np.exp(-gate)) * up
         self.flops += 6.0 * d * m * x.shape[0]
+        self.bytes_read += sum(tensor_nbytes(w.tensors[name]) for name in {block.gate.name, block.up.name, block.down.name})
         return act @ w.rows(block.down, 0, m).astype(np.float32) + w.vector(block.down_bias, d, np.float32)
 
 
@@ -113,42 +117,52 @@ def pair_contributions(ends: Sequence[int], blocks: Sequence[FFNBlock], xs: Mapp
     return out
 
 
-def predict_costs(spans: Sequence[tuple[int, int]], blocks: Sequence[FFNBlock], xs: Mapping[int, np.ndarray],
-                  hs: Mapping[int, np.ndarray], pair_change: Mapping[int, float], pairs: Mapping[int, np.ndarray],
-                  probe: FFNProbe, probe_tokens: int = PROBE_TOKENS) -> list[CandidateCost]:
-    """predicted_cost of every span from the captured x_t, h_t (arrays [..., d]), each end's pair contribution
-    F_z(x_{z-1}) (pair_contributions) and the measured change of that pair (see the module docstring)."""
-    if not spans:
-        return []
-    tokens = int(np.asarray(xs[spans[0][0]]).size // blocks[spans[0][0]].hidden_size)
-    rows = np.linspace(0, tokens - 1, probe_tokens).round().astype(int) if tokens > probe_tokens else None  # spread evenly
+def probe_rows(tokens: int, probe_tokens: int = PROBE_TOKENS) -> np.ndarray:
+    """The token rows (of the flattened [tokens, d]) the predictions use: all, or probe_tokens spread evenly."""
+    return np.linspace(0, tokens - 1, probe_tokens).round().astype(int) if tokens > probe_tokens else np.arange(tokens)
 
-    def take(values: Mapping[int, np.ndarray], o: int) -> np.ndarray:
-        flat = np.asarray(values[o]).reshape(-1, blocks[o].hidden_size)
-        return (flat if rows is None else flat[rows]).astype(np.float64)
 
-    # F_t(x_a) - h_t for every (a, t) a span needs, each evaluated once (pairs a = t - 1 are already known)
-    error: dict[tuple[int, int], np.ndarray] = {(z - 1, z): take(pairs, z) - take(hs, z) for z in pairs}
+def forward_needed(spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    """t -> the sources a of every F_t(x_a) the spans need besides the pairs (z-1, z) of their ends, each once."""
+    ends = set(group_ends(spans))
     needed: dict[int, list[int]] = {}
     for a, z in spans:
         for t in range(a + 1, z + 1):
-            if (a, t) not in error and a not in needed.setdefault(t, []):
+            if not (a == t - 1 and t in ends) and a not in needed.setdefault(t, []):
                 needed[t].append(a)
+    return {t: sources for t, sources in needed.items() if sources}
+
+
+def probe_forward(needed: Mapping[int, Sequence[int]], blocks: Sequence[FFNBlock], x_rows: Mapping[int, np.ndarray],
+                  probe: FFNProbe) -> dict[tuple[int, int], np.ndarray]:
+    """F_t(x_a) on the probe rows for every (a, t) of `needed` (forward_needed), one numpy call per block t with
+    every source stacked."""
+    forward = {}
     for t, sources in needed.items():
-        h_t = take(hs, t)
-        outputs = probe(blocks[t], np.concatenate([take(xs, a) for a in sources])).astype(np.float64)
-        for k, a in enumerate(sources):
-            error[a, t] = outputs[k * len(h_t):(k + 1) * len(h_t)] - h_t
+        outputs = probe(blocks[t], np.concatenate([x_rows[a] for a in sources]))
+        for k, part in enumerate(np.split(outputs, len(sources))):
+            forward[sources[k], t] = part
+    return forward
+
+
+def predict_costs(spans: Sequence[tuple[int, int]], x_rows: Mapping[int, np.ndarray], h_rows: Mapping[int, np.ndarray],
+                  forward: Mapping[tuple[int, int], np.ndarray], pair_change: Mapping[int, float]) -> list[CandidateCost]:
+    """predicted_cost of every span (see the module docstring) from x_t, h_t and F_t(x_a) on the probe rows
+    ([rows, d] each; forward[a, t] = F_t(x_a) for every a < t <= z of every span) and each end's measured
+    change of its pair."""
+    def rows(v: np.ndarray) -> np.ndarray:
+        return np.asarray(v, np.float64)
 
     def energy(v: np.ndarray) -> float:
         return float(np.einsum("td,td->t", v, v).mean())
 
+    error = {(a, t): rows(forward[a, t]) - rows(h_rows[t]) for a, z in spans for t in range(a + 1, z + 1)}
     costs = []
     for a, z in spans:
         delta = sum(error[a, t] for t in range(a + 1, z + 1))
         pair = energy(error[z - 1, z])
         sensitivity = pair_change[z] / pair if pair > 0 else None
-        out_z = take(xs, z) + take(hs, z)
+        out_z = rows(x_rows[z]) + rows(h_rows[z])
         costs.append(CandidateCost(a, z, None if sensitivity is None else sensitivity * energy(delta),
                                    energy(delta) / max(energy(out_z), 1e-30), sensitivity))
     return costs

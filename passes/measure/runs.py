@@ -6,7 +6,8 @@ exactly, whatever the node is (Add, or the next block's SkipSimplifiedLayerNorma
 reads from before the cut (x itself, rotary tables, masks, shapes) are fed from the base run as they were
 (onnxruntime values, any element type); constant subgraphs (weight casts and transposes) are kept in the suffix.
 The variants live in memory; external weights are read in place through the session's external-data folder;
-the user's file is never touched.
+the user's file is never touched. Each run loads the weights of its part of the graph: about n/2 times the model
+for n removals (passes.measure.streams reads them once).
 
 Cost is reported in forward-pass equivalents (COST_DEFINITION): the sum over runs of the weight-MatMul FLOPs
 executed (per token: 2 x the constant operand's size, for every MatMul / Gemm / MatMulNBits in the run), plus work
@@ -27,13 +28,23 @@ from onnx import TensorProto, helper
 from passes.support.errors import fail
 from passes.support.graph import GraphIndex
 from passes.support.graph_inputs import ort_type_to_onnx
-from passes.support.onnx_io import LoadedModel, execution_providers, ort_session, resolve_provider, run_session
+from passes.support.onnx_io import (
+    LoadedModel,
+    execution_providers,
+    ort_session,
+    resolve_provider,
+    run_session,
+    tensor_nbytes,
+)
 
 COST_DEFINITION = ("forward_pass_equivalents = sum over every part of the analysis of the weight-MatMul FLOPs executed per "
                    "calibration token (onnxruntime runs: MatMul/Gemm/MatMulNBits with a constant operand, 2 x its size per "
-                   "token; FFN probes in numpy: 6 d m per probed token of each block) / the same for one full forward pass "
+                   "token; FFN probes: 6 d m per probed token of each block in numpy (suffix execution), their runs in "
+                   "onnxruntime (segments execution)) / the same for one full forward pass "
                    "of the original model; attention score products and elementwise ops are not counted. `parts` splits "
-                   "it, and the seconds, by kind of work")
+                   "it, and the seconds, by kind of work. weights_read_bytes = the initializer bytes every onnxruntime "
+                   "session loaded plus the weights the numpy probes read; weights_read_multiple = that / the model's "
+                   "initializer bytes")
 RUNS = "onnxruntime runs"
 _WEIGHT_PASSTHROUGH = ("Cast", "Transpose", "Identity", "Reshape", "Squeeze", "Unsqueeze", "DequantizeLinear")
 
@@ -48,6 +59,14 @@ class Cost:
     per_run: list[dict] = field(default_factory=list)   # {"run", "part", "forward_pass_fraction", "nodes", "seconds"}
     definition: str = COST_DEFINITION
     provider: str = "cpu"                 # where onnxruntime ran
+    weights_read_bytes: int = 0           # see COST_DEFINITION
+    weights_read_multiple: float | None = None
+    execution: str = "suffix"             # "segments" (passes.measure.streams) or "suffix" (SuffixRuns)
+    segments: int | None = None           # segments the graph was cut into (execution "segments")
+    activations: str = "host"             # where values between runs were kept: "host" or "device"
+    activation_bytes_peak: int | None = None   # most bytes of stream values held at once (execution "segments")
+    per_segment: list[dict] = field(default_factory=list)   # execution "segments": {"segment", "starts_at",
+    #   "weight_bytes", "session_seconds", "runs", "run_seconds", "forward_pass_fraction"} (one run of it)
 
     @property
     def parts(self) -> dict[str, dict]:
@@ -68,7 +87,15 @@ class Cost:
         rec["node_fraction"] = round(self.node_fraction, 4)
         rec["seconds"] = round(self.seconds, 3)
         rec["session_seconds"] = round(self.session_seconds, 3)
+        rec["weights_read_multiple"] = None if self.weights_read_multiple is None else round(self.weights_read_multiple, 4)
         return rec
+
+
+def weight_bytes(net: GraphIndex, names=None) -> int:
+    """Bytes of the initializers `names` (default: all of them) as stored."""
+    names = (*net.initializers, *net.sparse_initializers) if names is None else names
+    return sum(tensor_nbytes(net.initializers[n]) if n in net.initializers else tensor_nbytes(net.sparse_initializers[n].values)
+               for n in names)
 
 
 def weight_flops(index: GraphIndex) -> list[float]:
@@ -198,24 +225,33 @@ def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Ma
     inputs += [helper.make_tensor_value_info(n, input_types[n], None) for n in cut.boundary]
     if cut.replacement is not None:
         inputs.append(helper.make_tensor_value_info(cut.replacement, TensorProto.FLOAT, None))
-    dense = [net.initializers[n] for n in cut.inits if n in net.initializers]
-    sparse = [net.sparse_initializers[n] for n in cut.inits if n in net.sparse_initializers]
-    graph = helper.make_graph(nodes, f"{proto.graph.name or 'graph'}_{cut.label.replace(' ', '_')}", inputs, outputs,
+    return submodel(proto, net, cut.label, nodes, inputs, outputs, cut.inits)
+
+
+def submodel(proto: onnx.ModelProto, net: GraphIndex, label: str, nodes: list[onnx.NodeProto],
+             inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], inits: Sequence[str]) -> onnx.ModelProto:
+    """A model of `nodes` from `proto` (its opsets, functions and IR version), with the initializers `inits`
+    (external ones stay references to the model's data files)."""
+    dense = [net.initializers[n] for n in inits if n in net.initializers]
+    sparse = [net.sparse_initializers[n] for n in inits if n in net.sparse_initializers]
+    graph = helper.make_graph(nodes, f"{proto.graph.name or 'graph'}_{label.replace(' ', '_')}", inputs, outputs,
                               initializer=dense, sparse_initializer=sparse)
     model = onnx.ModelProto()
     model.ir_version = proto.ir_version
     model.opset_import.extend(proto.opset_import)
     model.functions.extend(proto.functions)
-    model.producer_name = "passes.measure.runs"
+    model.producer_name = "passes.measure"
     model.graph.CopyFrom(graph)
     return model
 
 
 # ---------------------------------------------------------------- running
 
-def _session(model: onnx.ModelProto, base_dir, providers: list):
+def open_session(model: onnx.ModelProto, base_dir, providers: list, config: dict[str, str] | None = None):
+    """An onnxruntime session over an in-memory part of the model (external data in base_dir); kernels onnxruntime
+    lacks (bf16 on the CPU) are a UserError."""
     try:
-        return ort_session(model, base_dir=base_dir, providers=providers)
+        return ort_session(model, base_dir=base_dir, providers=providers, config=config)
     except Exception as exc:
         _explain_ort_failure(exc)
         raise
@@ -274,6 +310,7 @@ class SuffixRuns:
         self.base_values: dict[str, np.ndarray] = {}
         self.run_log: list[dict] = []
         self.session_seconds = 0.0
+        self.weights_read = 0
         self.bar = tqdm(total=1 + len(self.cuts), desc=desc, unit="run", disable=None if progress else True, leave=False)
 
     def __enter__(self) -> "SuffixRuns":
@@ -286,9 +323,10 @@ class SuffixRuns:
         import onnxruntime as ort
         self.bar.set_postfix_str(cut.label)
         t0 = time.perf_counter()
-        session = _session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir,
-                           self.providers)
+        session = open_session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir,
+                               self.providers)
         self.session_seconds += time.perf_counter() - t0
+        self.weights_read += weight_bytes(self.net, cut.inits)
         names = [o.name for o in session.get_outputs()]
         values = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
                   for name, value in feeds.items()}
@@ -329,8 +367,10 @@ class SuffixRuns:
         values.update({name: self.base_values[name] for name in cut.constant_targets})
         return values
 
-    def charge(self, label: str, flops_per_token: float, seconds: float) -> None:
-        """Record work done outside onnxruntime (weight-MatMul FLOPs per calibration token) in the cost, as part `label`."""
+    def charge(self, label: str, flops_per_token: float, seconds: float, bytes_read: int = 0) -> None:
+        """Record work done outside onnxruntime (weight-MatMul FLOPs per calibration token, weight bytes read) in
+        the cost, as part `label`."""
+        self.weights_read += bytes_read
         self.run_log.append({"run": label, "part": label, "nodes": 0, "seconds": round(seconds, 4),
                              "forward_pass_fraction": round(flops_per_token / self.total_flops, 6) if self.total_flops else None})
 
@@ -339,4 +379,6 @@ class SuffixRuns:
         return Cost(forward_pass_equivalents=float(sum(fractions)),
                     node_fraction=float(sum(r["nodes"] for r in self.run_log) / max(len(self.net.graph.node), 1)),
                     seconds=time.perf_counter() - self.start, session_seconds=self.session_seconds,
-                    runs=len(self.run_log), per_run=self.run_log, provider=self.provider)
+                    runs=len(self.run_log), per_run=self.run_log, provider=self.provider,
+                    weights_read_bytes=self.weights_read,
+                    weights_read_multiple=self.weights_read / max(weight_bytes(self.net), 1))

@@ -410,14 +410,17 @@ def execution_providers(provider: str | None) -> list:
 
 
 def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: list | None = None,
-                base_dir: Path | None = None):
+                base_dir: Path | None = None, config: dict[str, str] | None = None):
     """An onnxruntime session over a file, or over an in-memory graph whose external data lies in base_dir
     (providers: execution_providers(...); default the CPU).
 
-    light=True skips graph optimizations and weight prepacking (a load check)."""
+    light=True skips graph optimizations and weight prepacking (a load check); `config`: more session
+    configuration entries."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if light:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -430,10 +433,11 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
     return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
 
 
-def run_session(session, outputs: list[str] | None, feeds: dict, *, ort_values: bool = False):
-    """session.run (or run_with_ort_values) in a worker thread, so that SIGINT / SIGTERM stop even a long run
-    within a moment: the main thread waits, and on an interrupt sets RunOptions.terminate, which onnxruntime
-    checks between nodes, then re-raises."""
+def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_values: bool = False, binding=None):
+    """session.run (or run_with_ort_values, or with `binding`, an IOBinding whose inputs and outputs are bound,
+    run_with_iobinding: then outputs and feeds are unused and the results are the binding's) in a worker thread,
+    so that SIGINT / SIGTERM stop even a long run within a moment: the main thread waits, and on an interrupt
+    sets RunOptions.terminate, which onnxruntime checks between nodes, then re-raises."""
     import threading
 
     import onnxruntime as ort
@@ -442,6 +446,9 @@ def run_session(session, outputs: list[str] | None, feeds: dict, *, ort_values: 
 
     def work():
         try:
+            if binding is not None:
+                result["value"] = session.run_with_iobinding(binding, options)
+                return
             run = session.run_with_ort_values if ort_values else session.run
             result["value"] = run(outputs, feeds, options)
         except BaseException as exc:   # handed to the main thread

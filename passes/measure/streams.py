@@ -1,0 +1,283 @@
+"""Segment-major runs: the base run of a graph and its variants (streams), all pushed through one segment
+(passes.measure.segments) before the next, so that each segment's weights are loaded once.
+
+A stream departs from the base run at a residual node R = x' = R(x, a): there R reads another contribution
+(zeros: x' = x exactly, the contribution removed; or what another stream had there) and possibly another x
+(what the base had at an earlier residual node). From R on it runs on what it computes itself; everything it
+reads from before R is the base's. It stops once the inputs of residual node `until` are made, or runs to the
+targets. At every residual node of `sites` each stream passes, the consumer is handed that node's inputs x and a
+(Observation); at the end each stream that ran there hands over the targets (Output): the base first, then the
+streams in the order given. Values stay where onnxruntime made them (on the GPU with --provider cuda, when the
+streams' values fit in ACTIVATION_SHARE of its memory, else in host memory) and are dropped as soon as no later
+segment reads them; one segment's session lives at a time. bfloat16 models need the CUDA provider: onnxruntime's
+CPU kernels do not run bf16, which open_session reports in one line before any number is made.
+
+Cost (passes.measure.runs.Cost): forward-pass equivalents are the weight-MatMul FLOPs of every segment run by
+every stream over those of the whole graph; weights read are the initializer bytes each segment's session
+loaded, about 1x the model (constant subgraphs read by several segments, a tied embedding, count each time).
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from passes.attention.stream import find_stream
+from passes.measure.reductions import Reductions
+from passes.measure.runs import RUNS, Cost, Removable, open_session, weight_bytes, weight_flops
+from passes.measure.segments import A_SLOT, X_SLOT, SegmentPlan, plan_segments, segment_model
+from passes.support.graph import GraphIndex
+from passes.support.graph_inputs import ort_type_to_onnx
+from passes.support.onnx_io import LoadedModel, execution_providers, resolve_provider, run_session
+
+BASE = "base"
+ZERO = "zeros"
+ACTIVATION_SHARE = 0.5      # stream values are kept on the GPU while they fit in this share of its memory
+# weights freed with their session; threads that sleep between runs (spinning workers of one session slow the
+# reductions and runs that follow: SmolLM2's analysis on 2 cores took 44 s with them, 33 s without)
+SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "session.intra_op.allow_spinning": "0"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """What stream `label` (BASE for the base run) had as input `slot` ("x" or "a") of residual node `site`."""
+    label: str
+    site: int
+    slot: str
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A variant of the base run departing at residual node `site`, where it reads `a` (ZERO or a Source) as the
+    contribution and `x` (a Source; None: the base's) as x; it runs until the inputs of residual node `until`
+    are made, or with until None to the targets. `part` names its kind of work in the cost."""
+    label: str
+    site: int
+    until: int | None
+    a: Source | str = ZERO
+    x: Source | None = None
+    part: str = RUNS
+
+
+@dataclass
+class Observation:
+    label: str
+    site: int          # the residual node
+    x: object          # onnxruntime OrtValues
+    a: object
+
+
+@dataclass
+class Output:
+    label: str
+    values: dict       # target name -> OrtValue
+
+
+@dataclass
+class _Live:
+    label: str
+    first: int                    # first segment it runs
+    last: int                     # last segment it runs
+    part: str
+    slots: dict = field(default_factory=dict)     # X_SLOT / A_SLOT -> value at its first segment
+    state: dict = field(default_factory=dict)     # tensor -> value it computed (the base: and the graph inputs)
+    runs: dict = field(default_factory=lambda: {"nodes": 0, "seconds": 0.0, "flops": 0.0})
+
+
+class StreamRuns:
+    """Iterate to run (see the module docstring): yields Observation and Output events in segment order."""
+
+    def __init__(self, model: LoadedModel, feeds: Mapping[str, np.ndarray], sites: Sequence[Removable],
+                 streams: Sequence[Stream], targets: Sequence[str] = (), *, net: GraphIndex | None = None,
+                 provider: str | None = "cpu", progress: bool = True, desc: str = "analysis"):
+        self.start = time.perf_counter()
+        self.model, self.feeds, self.streams = model, feeds, list(streams)
+        self.net = net or GraphIndex.build(model.proto.graph)
+        self.provider = resolve_provider(provider)
+        self.providers = _providers(self.provider)
+        extra = {s.residual_node: s.residual_ports for s in find_stream(model.proto, self.net).sublayers}
+        self.plan: SegmentPlan = plan_segments(self.net, {s.residual_node: s.residual_ports for s in sites}, targets, extra)
+        self.sites = {s.residual_node for s in sites}
+        self.first = {s.label: self.plan.segment_of(s.site) for s in self.streams}
+        final = len(self.plan.segments) - 1
+        self.last = {s.label: final if s.until is None else self.plan.segment_of(s.until) - 1 for s in self.streams}
+        bad = [s.label for s in self.streams if self.last[s.label] < self.first[s.label]]
+        if bad:
+            raise ValueError(f"streams {bad} end before they begin")
+        self.base_last = max(([final] if targets else []) + [self.plan.segment_of(r) - 1 for r in self.sites] +
+                             list(self.last.values()))
+        self.total_flops = sum(weight_flops(self.net))
+        self.device = self.provider            # where stream values are made: "cpu" or "cuda" (see _place)
+        self.reduce = Reductions(self.providers, self.device)
+        self.session_seconds = self.weights_read = self.peak = 0
+        self.lives: list[_Live] = []
+        self.finished: list[_Live] = []
+        self.retained: dict[Source, object] = {}          # values streams take from others, until they depart
+        self.per_segment: list[dict] = []
+        self.progress, self.desc = progress, desc
+
+    # ---------------------------------------------------------------- running
+    def __iter__(self) -> Iterator[Observation | Output]:
+        import onnxruntime as ort
+        from tqdm import tqdm
+        base = _Live(BASE, 0, self.base_last, RUNS)
+        base.state = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for n, v in self.feeds.items()
+                      if n in self.net.inputs}
+        self.lives, self.finished, self.retained, self.per_segment = [base], [], {}, []
+        wanted = [src for s in self.streams for src in (s.a, s.x) if isinstance(src, Source)]
+        with tqdm(total=self.base_last + 1, desc=self.desc, unit="segment", disable=None if self.progress else True,
+                  leave=False) as bar:
+            for k in range(self.base_last + 1):
+                for spec in self.streams:
+                    if self.first[spec.label] == k:
+                        self.lives.append(self._depart(spec, base, wanted))
+                runners = [live for live in self.lives if live.first <= k <= live.last]
+                bar.set_postfix_str(f"{len(runners)} streams")
+                session = self._session(k, base)
+                for live in runners:
+                    self._run(session, k, live, base)
+                    yield from self._after(k, live, base, wanted)
+                del session
+                if k == 0 and self.provider == "cuda":
+                    self._place(base)
+                self._release(k)
+                bar.update(1)
+
+    def _session(self, k: int, base: _Live):
+        segment = self.plan.segments[k]
+        types = {t: ort_type_to_onnx(base.state[t].data_type()) for t in (*segment.inputs, *(segment.slots or ()))}
+        start = time.perf_counter()
+        session = open_session(segment_model(self.model.proto, self.plan, k, types), self.model.base_dir, self.providers,
+                               SESSION_CONFIG)
+        seconds = time.perf_counter() - start
+        self.session_seconds += seconds
+        base.runs["seconds"] += seconds
+        self.weights_read += segment.weight_bytes
+        self.per_segment.append({"segment": k, "starts_at": "prologue" if segment.residual is None
+                                 else self.net.node_label(segment.residual), "weight_bytes": segment.weight_bytes,
+                                 "session_seconds": round(seconds, 4), "runs": 0, "run_seconds": 0.0,
+                                 "forward_pass_fraction": round(segment.flops / self.total_flops, 6) if self.total_flops else None})
+        return session
+
+    def _run(self, session, k: int, live: _Live, base: _Live) -> None:
+        segment = self.plan.segments[k]
+        start = time.perf_counter()
+        binding = session.io_binding()
+        for t in segment.inputs:
+            binding.bind_ortvalue_input(t, _view(live, base, t))
+        if segment.slots is not None:
+            for slot, t in zip((X_SLOT, A_SLOT), segment.slots):
+                binding.bind_ortvalue_input(slot, live.slots.get(slot) if k == live.first and slot in live.slots
+                                            else _view(live, base, t))
+        for t in segment.outputs:
+            binding.bind_output(t, self.device, 0)
+        run_session(session, None, None, binding=binding)
+        live.state.update(zip(segment.outputs, binding.get_outputs()))
+        seconds = time.perf_counter() - start
+        live.runs["seconds"] += seconds
+        self.per_segment[-1]["runs"] += 1
+        self.per_segment[-1]["run_seconds"] = round(self.per_segment[-1]["run_seconds"] + seconds, 4)
+        live.runs["nodes"] += len(segment.nodes)
+        live.runs["flops"] += segment.flops
+        held = [*(v for s in self.lives for v in (*s.state.values(), *s.slots.values())), *self.retained.values()]
+        self.peak = max(self.peak, sum(v.tensor_size_in_bytes() for v in {id(v): v for v in held}.values()))
+
+    def _after(self, k: int, live: _Live, base: _Live, wanted: list) -> Iterator[Observation | Output]:
+        """The events of `live` once it ran segment k, and the values later streams take from it."""
+        if k + 1 < len(self.plan.segments):
+            segment = self.plan.segments[k + 1]
+            site = segment.residual
+            x, a = (_view(live, base, t) for t in segment.slots)
+            for src in wanted:
+                if src.label == live.label and src.site == site:
+                    self.retained[src] = x if src.slot == "x" else a
+            if site in self.sites:
+                yield Observation(live.label, site, x, a)
+        if k == len(self.plan.segments) - 1 and self.plan.targets:
+            yield Output(live.label, {t: _view(live, base, t) for t in self.plan.targets})
+            if live is not base:                 # handed over: the consumer keeps what it still needs
+                for t in self.plan.targets:
+                    live.state.pop(t, None)
+
+    def _depart(self, spec: Stream, base: _Live, wanted: list) -> _Live:
+        """A stream starting at its first segment, R's x and a as it says (taken from what was retained for it)."""
+        live = _Live(spec.label, self.first[spec.label], self.last[spec.label], spec.part)
+        for slot, tensor, src in zip((X_SLOT, A_SLOT), self.plan.segments[live.first].slots, (spec.x, spec.a)):
+            if src == ZERO:
+                live.slots[slot] = self.reduce.zeros_like(base.state[tensor])
+            elif src is not None:
+                if src not in self.retained:
+                    raise ValueError(f"stream {spec.label} departs before {src} is made")
+                live.slots[slot] = self.retained[src]
+                wanted.remove(src)
+                if src not in wanted:
+                    del self.retained[src]
+        return live
+
+    def _release(self, k: int) -> None:
+        """Drop values no later segment reads, and the streams that are done (what a session made holds its
+        memory arena, prepacked weights included, until the last of it is dropped)."""
+        for live in self.lives:
+            done = live.last <= k and live.label != BASE
+            live.state = {} if done else {t: v for t, v in live.state.items() if self.plan.last_reader.get(t, -1) > k}
+            if live.first <= k:
+                live.slots.clear()
+        self.finished += [live for live in self.lives if live.last <= k and live.label != BASE]
+        self.lives = [live for live in self.lives if live.last > k or live.label == BASE]
+
+    def _place(self, base: _Live) -> None:
+        """After the prologue: keep stream values on the GPU if every stream's would fit in ACTIVATION_SHARE of
+        its memory, else in host memory."""
+        per_stream = sum(v.tensor_size_in_bytes() for v in base.state.values())
+        most = max(sum(1 for s in self.streams if self.first[s.label] <= k <= self.last[s.label]) for k in range(self.base_last + 1))
+        self.device = "cuda" if per_stream * (most + 1) <= ACTIVATION_SHARE * _device_memory() else "cpu"
+        self.reduce.device = self.device
+
+    # ---------------------------------------------------------------- cost
+    def cost(self) -> Cost:
+        total = self.total_flops
+        records: dict[str, dict] = {}
+        lives = {live.label: live for live in [*self.lives, *self.finished]}
+        for live in (lives[label] for label in [BASE, *(s.label for s in self.streams)] if label in lives):
+            label = live.label if live.part == RUNS else live.part
+            rec = records.setdefault(label, {"run": label, "part": live.part, "nodes": 0, "seconds": 0.0, "flops": 0.0})
+            for key in ("nodes", "seconds", "flops"):
+                rec[key] += live.runs[key]
+        per_run = [{"run": r["run"], "part": r["part"], "nodes": r["nodes"], "seconds": round(r["seconds"], 4),
+                    "forward_pass_fraction": round(r["flops"] / total, 6) if total else None} for r in records.values()]
+        return Cost(forward_pass_equivalents=float(sum(r["forward_pass_fraction"] or 0.0 for r in per_run)),
+                    node_fraction=sum(r["nodes"] for r in per_run) / max(len(self.net.graph.node), 1),
+                    seconds=time.perf_counter() - self.start,
+                    session_seconds=self.session_seconds + self.reduce.session_seconds, runs=len(per_run),
+                    per_run=per_run, provider=self.provider, weights_read_bytes=self.weights_read,
+                    weights_read_multiple=self.weights_read / max(weight_bytes(self.net), 1), execution="segments",
+                    segments=self.base_last + 1, activations="device" if self.device != "cpu" else "host",
+                    activation_bytes_peak=self.peak, per_segment=self.per_segment)
+
+
+def _view(live: _Live, base: _Live, tensor: str):
+    """The value of `tensor` as `live` sees it: its own, else the base's."""
+    return live.state[tensor] if tensor in live.state else base.state[tensor]
+
+
+def _providers(provider: str) -> list:
+    """execution_providers(provider), with the CUDA arena growing only by what is asked (segments come and go)."""
+    providers = []
+    for entry in execution_providers(provider):
+        if isinstance(entry, tuple) and entry[0] == "CUDAExecutionProvider":
+            entry = (entry[0], {**entry[1], "arena_extend_strategy": "kSameAsRequested"})
+        providers.append(entry)
+    return providers
+
+
+def _device_memory() -> int:
+    """Bytes of memory of GPU 0 (nvidia-smi), 0 when it cannot be read."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=30)
+        return int(done.stdout.strip().splitlines()[0]) << 20
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 0

@@ -1,0 +1,236 @@
+"""Segment-major analysis (issue 23): the segments path against the suffix path on the same models (M, per-block
+metrics, predicted costs, the attention ranking), the segment plan's invariants, the on-device reductions against
+the numpy rules, what the cost report says about weights read, bf16 on the CPU provider, and the Super-49B preset
+of bench.synthetic at full size (its configuration) and scaled down (written, then analyzed)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from bench.synthetic import PRESETS, SyntheticConfig, _Builder, write
+from bench.synthetic import main as synthetic_main
+from passes.analyze import main as analyze_main
+from passes.attention.stream import find_stream
+from passes.ffn.structure import model_structure
+from passes.measure.change import next_token_agreement
+from passes.measure.metrics import compute_metrics, cosine_distance, norm_ratio
+from passes.measure.ranking import rank_sublayers
+from passes.measure.reductions import Reductions
+from passes.measure.runs import weight_bytes
+from passes.measure.segments import plan_segments
+from passes.support.errors import UserError
+from passes.support.graph import GraphIndex
+from passes.support.onnx_io import load_model
+from tests.residual_models import TinyLM, export_lm
+from tests.test_foreign_forms import quiet
+
+LAYOUT = "AFFFFAFFFAF"          # FFN chains [0-3], [4-6], [7]: pairs, triples and a group of four
+
+
+def matrix(metrics) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in metrics.dependency], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stream")
+    path = export_lm(TinyLM(LAYOUT, seed=4, vocab=80, d=32), folder / "lm.onnx")
+    ids = np.random.default_rng(5).integers(0, 80, (3, 40))
+    np.savez(folder / "ids.npz", input_ids=ids)
+    model = load_model(path)
+    both = {ex: compute_metrics(model, {"input_ids": ids}, predict=4, execution=ex, progress=False, probe_tokens=64)
+            for ex in ("suffix", "segments")}
+    return {"path": path, "folder": folder, "ids": ids, "model": model, **both}
+
+
+def test_segments_give_the_suffix_numbers(lm):
+    """M, cosdist_io, ratio to float64 rounding; predicted costs to the numpy probe's float32 rounding."""
+    a, b = lm["suffix"], lm["segments"]
+    assert np.nanmax(matrix(a)) > 1e-3
+    np.testing.assert_allclose(matrix(b), matrix(a), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(b.cosdist_io, a.cosdist_io, rtol=1e-9)
+    np.testing.assert_allclose(b.ratio, a.ratio, rtol=1e-9)
+    assert [(c.first, c.last) for c in b.candidates] == [(c.first, c.last) for c in a.candidates]
+    assert max(c.last - c.first for c in a.candidates) == 3
+    for x, y in zip(a.candidates, b.candidates):
+        assert y.predicted_cost == pytest.approx(x.predicted_cost, rel=1e-4)
+        assert y.relative_error == pytest.approx(x.relative_error, rel=1e-4)
+    assert a.tokens == b.tokens == 120 and b.change_unit == a.change_unit == "kl"
+
+
+def test_segments_read_the_weights_once(lm):
+    """Weights read: each segment's initializers once (about 1x; the suffix path reads them once per run); the
+    same kinds of runs, in the same order, and about the same forward-pass equivalents."""
+    a, b = lm["suffix"].cost, lm["segments"].cost
+    model_bytes = weight_bytes(GraphIndex.build(lm["model"].proto.graph))
+    assert b.execution == "segments" and a.execution == "suffix" and b.activations == "host"
+    assert b.weights_read_bytes == pytest.approx(b.weights_read_multiple * model_bytes, rel=1e-3)
+    assert 0.9 < b.weights_read_multiple < 1.3 < 2 < a.weights_read_multiple
+    assert [r["run"] for r in b.per_run] == [r["run"] for r in a.per_run]
+    assert set(b.parts) == {"onnxruntime runs", "FFN probes"}
+    assert b.parts["onnxruntime runs"]["forward_pass_equivalents"] == pytest.approx(
+        a.parts["onnxruntime runs"]["forward_pass_equivalents"], rel=0.15)
+    assert b.segments == LAYOUT.count("F") + 1 and b.activation_bytes_peak > 0      # cut at the blocks only: a small model
+    assert [x["segment"] for x in b.per_segment] == list(range(b.segments))
+    assert sum(x["weight_bytes"] for x in b.per_segment) == b.weights_read_bytes
+    assert sum(x["runs"] for x in b.per_segment) > b.segments
+    record = b.record()
+    assert {"weights_read_bytes", "weights_read_multiple", "execution", "segments", "activations"} <= set(record)
+
+
+def test_plan_cuts_every_node_once(lm):
+    """Every node the analysis needs is in one segment (constant subgraphs in each that reads them); segment k >= 1
+    begins with its residual node; a segment reads only graph inputs, initializers and what earlier segments
+    output."""
+    model = lm["model"]
+    structure = model_structure(model.proto)
+    net = structure.index
+    sublayers = find_stream(model.proto, net).sublayers
+    cuts, more = ({x.residual_node: x.residual_ports for x in chosen} for chosen in (structure.blocks, sublayers))
+    assert len(plan_segments(net, cuts, ["logits"], more).segments) == len(cuts) + 1      # small: only what is needed
+    budget = max(segment.weight_bytes for segment in plan_segments(net, cuts, ["logits"], more, max_bytes=0).segments)
+    bounded = plan_segments(net, cuts, ["logits"], more, max_bytes=budget)
+    assert len(cuts) + 1 < len(bounded.segments) and max(x.weight_bytes for x in bounded.segments) <= budget
+    plan = plan_segments(net, cuts, ["logits"], more, max_bytes=0)
+    assert len(plan.segments) == len(sublayers) + 1
+    owner = {}
+    for segment in plan.segments:
+        own = [k for k in segment.nodes if k not in net.constant_nodes]
+        assert not set(own) & set(owner)
+        owner.update(dict.fromkeys(own, segment.index))
+        if segment.residual is not None:
+            assert own[0] == segment.residual
+    assert set(owner) == {k for k in range(len(net.graph.node)) if k not in net.constant_nodes}
+    for segment in plan.segments:
+        for t in (*segment.inputs, *(segment.slots or ())):
+            if t not in net.inputs:
+                assert owner[net.producer[t]] < segment.index and t in plan.segments[owner[net.producer[t]]].outputs
+
+
+@pytest.mark.parametrize("form", ["ortopt", "genai"])
+def test_foreign_forms_segments_equal_suffix(foreign, form):
+    """Graphs the project did not write: onnxruntime-optimized (skip norms) and onnxruntime-genai's builder
+    (GroupQueryAttention, KV caches made empty): the attention ranking and M with predicted costs."""
+    from passes.support.calibration import calibration_for
+    model = load_model(foreign[1][form])
+    feeds = calibration_for(model, None, batch=2, seq=12, seed=7, warn=False).feeds
+    attention = find_stream(model.proto).attention
+    a, _ = rank_sublayers(model, attention, feeds, progress=False, execution="suffix")
+    b, _ = rank_sublayers(model, attention, feeds, progress=False, execution="segments")
+    np.testing.assert_allclose([r["kl_removed_alone"] for r in b], [r["kl_removed_alone"] for r in a], rtol=1e-6)
+    structure = model_structure(model.proto)
+    ordinals = list(range(len(structure.blocks)))
+    m = {ex: compute_metrics(model, feeds, ordinals, structure=structure, predict=3, progress=False, execution=ex)
+         for ex in ("suffix", "segments")}
+    np.testing.assert_allclose(matrix(m["segments"]), matrix(m["suffix"]), rtol=0, atol=1e-9)
+
+
+def test_rank_segments_equal_suffix(lm):
+    model = lm["model"]
+    attention = find_stream(model.proto).attention
+    feeds = {"input_ids": lm["ids"]}
+    a, cost_a = rank_sublayers(model, attention, feeds, progress=False, execution="suffix")
+    b, cost_b = rank_sublayers(model, attention, feeds, progress=False, execution="segments")
+    for x, y in zip(a, b):
+        assert (x["layer"], x["kind"], x["residual_node"]) == (y["layer"], y["kind"], y["residual_node"])
+        assert y["kl_removed_alone"] == pytest.approx(x["kl_removed_alone"], rel=1e-6)
+        assert y["top1_removed_alone"] == x["top1_removed_alone"]
+        assert y["cosdist"] == pytest.approx(x["cosdist"], rel=1e-9) and y["ratio"] == pytest.approx(x["ratio"], rel=1e-9)
+    assert cost_b.weights_read_multiple < 1.3 < cost_a.weights_read_multiple
+
+
+def test_reductions_are_the_numpy_rules():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 5, 16))
+    a[0, 1], b[0, 1], a[1, 2] = 0.0, 0.0, 0.0          # both zero: distance 0; one zero: distance 1
+    reduce = Reductions(["CPUExecutionProvider"], "cpu")
+    ov = ort.OrtValue.ortvalue_from_numpy
+    np.testing.assert_allclose(reduce.cosine(ov(a), ov(b)), cosine_distance(a, b), rtol=1e-12, atol=1e-15)
+    cos, ratio = reduce.residual(ov(a), ov(b))
+    np.testing.assert_allclose(cos, cosine_distance(a, a + b), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ratio, norm_ratio(b, a), rtol=1e-12)
+    logits_a, logits_b = rng.standard_normal((3, 300, 40)).astype(np.float32), rng.standard_normal((3, 300, 40)).astype(np.float32)
+    kl, top1 = reduce.next_token(ov(logits_a), ov(logits_b))
+    want = next_token_agreement(logits_a, logits_b)
+    assert kl == pytest.approx(want[0], rel=1e-12) and top1 == want[1]
+    rows = np.array([0, 7, 3])
+    np.testing.assert_array_equal(reduce.rows(ov(a.astype(np.float32)), rows), a.reshape(-1, 16)[rows].astype(np.float32))
+    bits = (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)          # bfloat16 by truncation
+    bf16 = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx.TensorProto.BFLOAT16)
+    exact = (bits.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(reduce.host(bf16), exact)
+    np.testing.assert_array_equal(reduce.rows(bf16, rows), exact.reshape(-1, 16)[rows])
+    assert not reduce.host(reduce.zeros_like(bf16)).any()
+
+
+def test_cli_stream_switch_and_report(lm, tmp_path):
+    reports = {}
+    for stream in ("segments", "suffix"):
+        out = tmp_path / f"{stream}.json"
+        assert quiet(analyze_main, [lm["path"], "--inputs", lm["folder"] / "ids.npz", "-o", out, "--stream", stream,
+                                    "--provider", "cpu", "--max-group", "3"]) == 0
+        reports[stream] = json.loads(out.read_text())
+    a, b = reports["suffix"], reports["segments"]
+    assert b["cost"]["execution"] == "segments" and "--stream" in b["command"]
+    np.testing.assert_allclose(np.array(b["dependency"]["matrix"], dtype=float), np.array(a["dependency"]["matrix"], dtype=float),
+                               rtol=0, atol=1e-9)
+    assert b["cost"]["weights_read_multiple"] < a["cost"]["weights_read_multiple"]
+
+
+def test_bf16_on_the_cpu_provider_is_one_line(tmp_path):
+    """onnxruntime's CPU kernels do not run bf16: a UserError naming the op, before any number is made."""
+    config = SyntheticConfig(**{**PRESETS["tiny"].__dict__, "dtype": "bf16"})
+    path = write(config, tmp_path / "bf16.onnx")
+    with pytest.raises(UserError, match="onnxruntime cannot run this model"):
+        compute_metrics(path, {"input_ids": np.zeros((1, 4), np.int64)}, progress=False, provider="cpu")
+
+
+def test_super49b_preset():
+    """Llama-3.3-Nemotron-Super-49B's shapes with a Puzzle-like layout; the first 40 layers fit a 64 GiB disk in
+    bf16; its weights are written 32 MiB at a time."""
+    config = PRESETS["super49b"]
+    assert (config.hidden, config.heads, config.kv_heads, config.vocab, config.dtype) == (8192, 64, 8, 128256, "bf16")
+    assert len(config.layout) == 80 and set(config.layout) == {"A", "F"}
+    runs = [len(r) for r in config.layout.replace("A", " ").split()]
+    assert min(runs) >= 2 and config.layout[40:].count("F") > config.layout[:40].count("F") > 0
+    assert len(set(config.ffn_widths)) >= 3 and len(config.ffn_widths) == 80
+    assert config.parameters() == pytest.approx(49e9, rel=0.02)
+    first = config.first(40)
+    assert first.layout == config.layout[:40] and first.parameters() * 2 < 0.8 * (64 << 30)
+    builder = _Builder(config)
+    builder.weight("w", [8192, 28672])
+    chunk = next(builder.new["w"].chunks())
+    assert chunk.nbytes <= 32 << 20 and chunk.shape[1] == 28672
+    with pytest.raises(UserError, match="--layers 81"):
+        config.first(81)
+
+
+def test_super49b_scaled_down_is_written_and_analyzed(tmp_path):
+    """The preset's layout and relative widths at hidden 64: written (external data), then analyzed segment-major:
+    the FFN chains of its attention-free runs are found and every M inside them is measured."""
+    full = PRESETS["super49b"]
+    config = SyntheticConfig(**{**full.__dict__, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 96, "dtype": "fp32",
+                                "ffn_widths": tuple(w // 256 for w in full.ffn_widths)}).first(16)
+    path = write(config, tmp_path / "super16.onnx")
+    assert (tmp_path / "super16.onnx.data").is_file()
+    model = load_model(path)
+    structure = model_structure(model.proto)
+    assert [b.width for b in structure.blocks] == list(config.ffn_widths)
+    assert [len(c) for c in structure.chains if len(c) > 1] == [4]          # layers 11-14: attention removed in 12-14
+    metrics = compute_metrics(model, {"input_ids": np.random.default_rng(0).integers(0, 96, (2, 24))}, scope="chains",
+                              structure=structure, predict=4, progress=False)
+    chain = [c for c in structure.chains if len(c) > 1][0].ordinals
+    assert all(metrics.m(i, j) is not None and np.isfinite(metrics.m(i, j)) for i in chain for j in chain if i < j)
+    assert len(metrics.candidates) == 6 and all(np.isfinite(c.predicted_cost) for c in metrics.candidates)
+
+
+def test_synthetic_layers_option(tmp_path):
+    """--layers N writes the first N layers of the preset, then the final norm and lm_head."""
+    path = tmp_path / "first4.onnx"
+    assert quiet(synthetic_main, ["--preset", "tiny", "--layers", "4", "-o", path]) == 0
+    stream = find_stream(onnx.load(str(path), load_external_data=False))
+    assert [s.kind for s in stream.sublayers] == ["attention", "mlp", "mlp", "mlp", "mlp"]
