@@ -122,7 +122,8 @@ def run_vllm(job: dict) -> dict:
         job_path, result_path = Path(tmp, "job.json"), Path(tmp, "result.json")
         job_path.write_text(json.dumps(job))
         code = f"from bench.serving import worker; worker({str(job_path)!r}, {str(result_path)!r})"
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+        env = {"VLLM_USE_FLASHINFER_SAMPLER": "0",     # greedy needs no top-k/top-p kernel; flashinfer not required
+               **os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
         done = subprocess.run([sys.executable, "-c", code], env=env)
         if done.returncode != 0 or not result_path.is_file():
             fail(f"vLLM failed on {job['engine']['model']} (exit {done.returncode}; its log is above)")
