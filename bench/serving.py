@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.batch_seq import parse_sizes
 from bench.results import write_result
 from passes.support.errors import fail, run_cli
-from passes.support.outputs import check_output_folder
+from passes.support.outputs import check_output
 from passes.support.report import table
 
 
@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="result name (default vllm_<mode>)")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the JSON (and PNG)")
     args = parser.parse_args(argv)
-    check_output_folder(args.out / "x")
+    name = args.name or f"vllm_{args.mode}"
+    check_output(args.out / f"{name}.json", "result")
     labels = args.labels.split(",") if args.labels else [f.name for f in args.folders]
     if len(labels) != len(args.folders):
         fail(f"--labels names {len(labels)} folders, {len(args.folders)} given")
@@ -268,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         fail("--new must be at least 2 and --tp at least 1")
     args.dtype = args.dtype or ("float32" if args.mode == "tokens" else "bfloat16")
     result = (tokens if args.mode == "tokens" else speed)(args, args.folders, labels)
-    name = args.name or f"vllm_{args.mode}"
     print(f"result: {write_result(name, result, args.out)}")
     if args.mode == "speed":
         print(f"plot: {plot(result, args.out / f'{name}.png')}")
