@@ -166,7 +166,7 @@ case $what in
             --save-every 0)
     recipe() { local name=$1; shift
       [ -f "$out/heal_recipe_$name.json" ] || "$py" -m models.heal smollm2 -o "$work/recipe_$name" "${common[@]}" \
-          --report "$out/heal_recipe_$name.json" "$@" > "$out/heal_recipe_$name.log" 2>&1; tail -n 3 "$out/heal_recipe_$name.log"; }
+          --report "$out/heal_recipe_$name.json" "$@" > "$out/heal_recipe_$name.log" 2>&1; tail -n 3 "$out/heal_recipe_$name.log" || true; }
     recipe base --pool 12288 --pool-file "$work/pool12k.pt"
     recipe pool --pool 65536 --pool-file "$work/pool64k.pt"
     recipe local --pool 12288 --pool-file "$work/pool12k.pt" --local-steps 500
@@ -210,6 +210,7 @@ case $what in
     rc=0; wait $pid || rc=$?; kill $smi; tail -n 6 "$out/analysis_super49b_40layers.log"; [ $rc = 0 ]
     echo "peak GPU memory of the analysis (nvidia-smi, MiB): $(awk -F', ' -v p=$pid '$1 == p {print $2}' "$work/gpu_mib.log" \
         | sort -n | tail -n 1), model $(du -cb "$super"* | tail -n 1 | cut -f1) bytes" | tee "$out/analysis_super49b_40layers_gpu.txt"
+    cp "$work/gpu_mib.log" "$out/analysis_super49b_40layers_gpu_mib.csv"      # pid, MiB every 200 ms: the timeline
     rm -f "$super"*
     # the real SmolLM2, ranked-8 drop, 4 x 256 pydoc tokens: the GPU against 2 CPU cores of this machine
     [ -f "$work/an_smollm2.onnx" ] || "$py" -m exporters.export smollm2 -o "$work/an_smollm2.onnx" | tail -n 1

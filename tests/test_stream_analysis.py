@@ -165,6 +165,12 @@ def test_reductions_are_the_numpy_rules():
     np.testing.assert_array_equal(reduce.host(bf16), exact)
     np.testing.assert_array_equal(reduce.rows(bf16, rows), exact.reshape(-1, 16)[rows])
     assert not reduce.host(reduce.zeros_like(bf16)).any()
+    for value in (ov(a), ov(np.array(7)), ov(np.array([True, False])), bf16):      # own: a copy in its own memory
+        copy = reduce.own(value)
+        assert copy.data_ptr() != value.data_ptr() and copy.shape() == value.shape()
+        assert copy.data_type() == value.data_type()
+    np.testing.assert_array_equal(reduce.own(ov(a)).numpy(), a)
+    np.testing.assert_array_equal(reduce.host(reduce.own(bf16)), exact)
 
 
 def test_cli_stream_switch_and_report(lm, tmp_path):

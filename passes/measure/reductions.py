@@ -9,6 +9,8 @@ For a, b [..., d] (tokens = every position but the last axis; norms over the las
     rows(v, r)        the rows r of v [tokens, d] as float32 (float64 stays float64)
     host(v)           v in numpy as float32 (float64 stays float64), wherever v is
     zeros_like(v)     zeros of v's shape and type, on the device the streams live on
+    own(v)            a copy of v (Identity from a graph input to a graph output) in memory these reductions own,
+                      on the device the streams live on
 These are exactly the numpy rules of passes.measure.metrics (cosine_distance, norm_ratio) and
 passes.measure.change (next_token_agreement); tests/test_stream_analysis.py holds them to each other.
 """
@@ -132,8 +134,14 @@ def _zeros(t: int) -> onnx.ModelProto:
     return g.model([("v", t)], [("zeros", zeros)])
 
 
+def _own(t: int) -> onnx.ModelProto:
+    g = _Graph()
+    return g.model([("v", t)], [("copy", "v")])
+
+
 _BUILDERS = {"cosine": _cosine, "residual": _residual, "next_token": _next_token, "rows": _rows, "cast": _cast,
-             "zeros": _zeros}
+             "zeros": _zeros, "own": _own}
+_AS_WRITTEN = {"own"}    # run without graph optimizations: nothing may remove the copy
 
 
 class Reductions:
@@ -152,7 +160,8 @@ class Reductions:
         session = self.sessions.get((kind, t))
         if session is None:
             start = time.perf_counter()
-            session = self.sessions[kind, t] = ort_session(_BUILDERS[kind](t), providers=self.providers, config=QUIET)
+            session = self.sessions[kind, t] = ort_session(_BUILDERS[kind](t), light=kind in _AS_WRITTEN,
+                                                           providers=self.providers, config=QUIET)
             self.session_seconds += time.perf_counter() - start
         binding = session.io_binding()
         for name, value in feeds.items():
@@ -190,3 +199,6 @@ class Reductions:
 
     def zeros_like(self, value):
         return self._run("zeros", {"v": value}, self.device)[0]
+
+    def own(self, value):
+        return self._run("own", {"v": value}, self.device)[0]

@@ -9,8 +9,10 @@ targets. At every residual node of `sites` each stream passes, the consumer is h
 (Observation); at the end each stream that ran there hands over the targets (Output): the base first, then the
 streams in the order given. Values stay where onnxruntime made them (on the GPU with --provider cuda, when the
 streams' values fit in ACTIVATION_SHARE of its memory, else in host memory) and are dropped as soon as no later
-segment reads them; one segment's session lives at a time. bfloat16 models need the CUDA provider: onnxruntime's
-CPU kernels do not run bf16, which open_session reports in one line before any number is made.
+segment reads them; one segment's session lives at a time. Each value a segment makes is copied out of its
+session's memory arena (Reductions.own), so that a closed session's memory goes back to the device (a value left
+in the arena would keep all of it). bfloat16 models need the CUDA provider: onnxruntime's CPU kernels do not run
+bf16, which open_session reports in one line before any number is made.
 
 Cost (passes.measure.runs.Cost): forward-pass equivalents are the weight-MatMul FLOPs of every segment run by
 every stream over those of the whole graph; weights read are the initializer bytes each segment's session
@@ -97,7 +99,7 @@ class StreamRuns:
         self.model, self.feeds, self.streams = model, feeds, list(streams)
         self.net = net or GraphIndex.build(model.proto.graph)
         self.provider = resolve_provider(provider)
-        self.providers = _providers(self.provider)
+        self.providers = execution_providers(self.provider)
         extra = {s.residual_node: s.residual_ports for s in find_stream(model.proto, self.net).sublayers}
         self.plan: SegmentPlan = plan_segments(self.net, {s.residual_node: s.residual_ports for s in sites}, targets, extra)
         self.sites = {s.residual_node for s in sites}
@@ -175,7 +177,8 @@ class StreamRuns:
         for t in segment.outputs:
             binding.bind_output(t, self.device, 0)
         run_session(session, None, None, binding=binding)
-        live.state.update(zip(segment.outputs, binding.get_outputs()))
+        # copied out of the session's arena: a value kept there would hold the arena's memory after the session closes
+        live.state.update(zip(segment.outputs, map(self.reduce.own, binding.get_outputs())))
         seconds = time.perf_counter() - start
         live.runs["seconds"] += seconds
         self.per_segment[-1]["runs"] += 1
@@ -218,8 +221,7 @@ class StreamRuns:
         return live
 
     def _release(self, k: int) -> None:
-        """Drop values no later segment reads, and the streams that are done (what a session made holds its
-        memory arena, prepacked weights included, until the last of it is dropped)."""
+        """Drop values no later segment reads, and the streams that are done."""
         for live in self.lives:
             done = live.last <= k and live.label != BASE
             live.state = {} if done else {t: v for t, v in live.state.items() if self.plan.last_reader.get(t, -1) > k}
@@ -261,16 +263,6 @@ class StreamRuns:
 def _view(live: _Live, base: _Live, tensor: str):
     """The value of `tensor` as `live` sees it: its own, else the base's."""
     return live.state[tensor] if tensor in live.state else base.state[tensor]
-
-
-def _providers(provider: str) -> list:
-    """execution_providers(provider), with the CUDA arena growing only by what is asked (segments come and go)."""
-    providers = []
-    for entry in execution_providers(provider):
-        if isinstance(entry, tuple) and entry[0] == "CUDAExecutionProvider":
-            entry = (entry[0], {**entry[1], "arena_extend_strategy": "kSameAsRequested"})
-        providers.append(entry)
-    return providers
 
 
 def _device_memory() -> int:

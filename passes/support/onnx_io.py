@@ -477,9 +477,6 @@ def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_v
 
     import onnxruntime as ort
     options = ort.RunOptions()
-    if session.get_providers()[0] == "CUDAExecutionProvider":
-        # what a run used in the CUDA arena goes back to the device when it ends: one run's working set at a time
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
     result: dict = {}
 
     def work():
