@@ -211,7 +211,8 @@ def speed(args, folders: list[Path], labels: list[str]) -> dict:
                      ra["output_tokens_per_s"], rb["output_tokens_per_s"], ratios[batch]["throughput_ratio"]))
     print(table(rows, ("batch", f"{a} ms/step", f"{b} ms/step", "speedup", f"{a} tok/s", f"{b} tok/s", "ratio")))
     return {"mode": "speed", "dtype": args.dtype, "prompt_tokens": args.prompt, "new_tokens": args.new,
-            "runs": args.runs, "tensor_parallel_size": args.tp, "cuda_graphs": "vLLM compile mode default (VLLM_COMPILE)" if args.compile
+            "runs": args.runs, "tensor_parallel_size": args.tp,
+            "cuda_graphs": "vLLM compile mode default (VLLM_COMPILE)" if args.compile
             else "FULL_DECODE_ONLY, compilation mode NONE", "labels": labels, "folders": measured, "ratios": ratios}
 
 

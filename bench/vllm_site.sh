@@ -19,8 +19,9 @@
 #  - xgrammar 0.2.5.post1, the newest that works with vLLM's pinned apache-tvm-ffi 0.1.9 (0.2.6+ need >= 0.1.10).
 # Not carried (imported only on paths these benchmarks do not take): flashinfer, tilelang, quack-kernels,
 # nvidia-cutlass-dsl, fastsafetensors, humming-kernels, tokenspeed-mla, opentelemetry, mcp, numba 0.65 (the image's
-# numba is used; bench.serving sets VLLM_USE_FLASHINFER_SAMPLER=0, else the sampler imports flashinfer). Versions are pinned below: the set was checked by importing vllm and building its ModelConfig
-# for a folder of ours with nothing else on the path.
+# numba is used; bench.serving sets VLLM_USE_FLASHINFER_SAMPLER=0, else the sampler imports flashinfer). Versions
+# are pinned below: the set was checked by importing vllm and building its ModelConfig for a folder of ours with
+# nothing else on the path.
 set -euo pipefail
 out=${1:-.devwheels/vllm_site.tar.xz}
 mkdir -p "$(dirname "$out")"

@@ -63,7 +63,6 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(lm, tmp_path, argv):
     assert not list(tmp_path.iterdir())
 
 
-
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or os.cpu_count() < 2, reason="Linux, 2+ CPUs")
 def test_onnxruntime_threads_follow_a_taskset_confinement():
     """Confined to one CPU (as by `taskset -c 0`), sessions run one thread; unconfined, onnxruntime's default."""

@@ -177,7 +177,6 @@ class StreamRuns:
         for t in segment.outputs:
             binding.bind_output(t, self.device, 0)
         run_session(session, None, None, binding=binding)
-        # copied out of the session's arena: a value kept there would hold the arena's memory after the session closes
         live.state.update(zip(segment.outputs, map(self.reduce.own, binding.get_outputs())))
         seconds = time.perf_counter() - start
         live.runs["seconds"] += seconds
