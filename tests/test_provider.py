@@ -72,3 +72,29 @@ def test_onnxruntime_threads_follow_a_taskset_confinement():
                                     check=True).stdout.split()
     unconfined = len(os.sched_getaffinity(0)) == os.cpu_count()
     assert (free == "None") == unconfined and confined == "1"
+
+
+def test_every_run_goes_through_one_runner_thread(lm):
+    """Runs, with feeds or an IOBinding, return what session.run returns, on one long-lived thread (not one per
+    run), and an error in a run reaches the caller."""
+    import threading
+
+    from passes.support.onnx_io import ort_session, run_session
+    path, ids = lm
+    session = ort_session(path)
+    feeds = {"input_ids": np.load(ids)["input_ids"]}
+    names = [o.name for o in session.get_outputs()]
+    first = run_session(session, names, feeds)
+    binding = session.io_binding()
+    binding.bind_cpu_input("input_ids", feeds["input_ids"])
+    for name in names:
+        binding.bind_output(name)
+    run_session(session, None, None, binding=binding)
+    again = [v.numpy() for v in binding.get_outputs()]
+    threads = {t.ident for t in threading.enumerate() if t.name.startswith("onnxruntime-run")}
+    with pytest.raises(Exception, match="Unexpected input data type"):
+        run_session(session, names, {"input_ids": feeds["input_ids"].astype(np.float32)})
+    assert len(threads) == 1 and threads == {t.ident for t in threading.enumerate() if t.name.startswith("onnxruntime-run")}
+    for a, b, c in zip(first, again, session.run(names, feeds)):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)

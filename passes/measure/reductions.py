@@ -24,11 +24,12 @@ from onnx import TensorProto, helper
 
 from passes.measure.change import TOKEN_CHUNK
 from passes.support.graph_inputs import ort_type_to_onnx
-from passes.support.onnx_io import ort_session, run_session
+from passes.support.onnx_io import SHARED_ARENA, ort_session, run_session
 
 OPSET = 17
 D = TensorProto.DOUBLE
-QUIET = {"session.intra_op.allow_spinning": "0"}     # its threads sleep between runs: the segments' runs come next
+# its threads sleep between runs (the segments' runs come next); on the GPU its memory is the segments' shared arena
+QUIET = {"session.intra_op.allow_spinning": "0", **SHARED_ARENA}
 
 
 def zero_rule(dist: np.ndarray, na: np.ndarray, nb: np.ndarray) -> np.ndarray:

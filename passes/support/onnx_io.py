@@ -429,6 +429,21 @@ def execution_providers(provider: str | None) -> list:
     return ["CPUExecutionProvider"]
 
 
+SHARED_ARENA = {"session.use_env_allocators": "1"}     # session configuration: take memory from the shared arena
+
+
+@functools.cache
+def share_cuda_arena() -> None:
+    """Registers one CUDA memory arena for the whole process (once), growing by what is asked for; sessions made
+    with SHARED_ARENA in their configuration take their activations and outputs from it. What a session's runs
+    used goes back to this arena when it closes, for the next session, instead of dying with its own arena:
+    the segment-major analysis of 40 Super-49B layers (48.2 GB) peaked at 20.9 GB with it, 31.0 GB without."""
+    import onnxruntime as ort
+    memory = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator_v2("CUDAExecutionProvider", memory, {"device_id": "0"},
+                                         ort.OrtArenaCfg({"arena_extend_strategy": 1}))   # 1: kSameAsRequested
+
+
 def confined_cpus() -> int | None:
     """The CPUs this process may use when taskset or a container's cpuset gives it fewer than the machine has
     (onnxruntime's default thread count counts the machine's cores), else None."""
@@ -470,38 +485,35 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
 
 def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_values: bool = False, binding=None):
     """session.run (or run_with_ort_values, or with `binding`, an IOBinding whose inputs and outputs are bound,
-    run_with_iobinding: then outputs and feeds are unused and the results are the binding's) in a worker thread,
+    run_with_iobinding: then outputs and feeds are unused and the results are the binding's) in the runner thread,
     so that SIGINT / SIGTERM stop even a long run within a moment: the main thread waits, and on an interrupt
     sets RunOptions.terminate, which onnxruntime checks between nodes, then re-raises."""
-    import threading
+    from concurrent import futures
 
     import onnxruntime as ort
     options = ort.RunOptions()
-    result: dict = {}
-
-    def work():
-        try:
-            if binding is not None:
-                result["value"] = session.run_with_iobinding(binding, options)
-                return
-            run = session.run_with_ort_values if ort_values else session.run
-            result["value"] = run(outputs, feeds, options)
-        except BaseException as exc:   # handed to the main thread
-            result["error"] = exc
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
+    if binding is not None:
+        done = _runner(os.getpid()).submit(session.run_with_iobinding, binding, options)
+    else:
+        run = session.run_with_ort_values if ort_values else session.run
+        done = _runner(os.getpid()).submit(run, outputs, feeds, options)
     try:
-        while worker.is_alive():
-            worker.join(0.05)
+        while not done.done():
+            futures.wait([done], timeout=0.05)
     except KeyboardInterrupt:
         options.terminate = True
-        worker.join()
-        result.clear()
+        futures.wait([done])
         raise
-    if "error" in result:
-        raise result.pop("error")
-    return result.pop("value")
+    return done.result()
+
+
+@functools.cache
+def _runner(pid: int):
+    """The one thread (of process `pid`: a forked child makes its own) every onnxruntime run goes through. One
+    that lives, not one per run: a new thread for every run of the CUDA provider doubled the time of SmolLM2's
+    analysis on an H200 (12.3 s against 5.8 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime-run")
 
 
 def verify_model(path: Path, reference: Path | None = None) -> None:
