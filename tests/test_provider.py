@@ -98,3 +98,11 @@ def test_every_run_goes_through_one_runner_thread(lm):
     for a, b, c in zip(first, again, session.run(names, feeds)):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, c)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="an onnxruntime without the CUDA provider")
+def test_shared_arena_is_declined_where_onnxruntime_cannot_make_one():
+    """share_cuda_arena answers False instead of raising; sessions asking for the shared arena then run on their
+    own (every CPU analysis in tests/test_stream_analysis.py does)."""
+    from passes.support.onnx_io import share_cuda_arena
+    assert share_cuda_arena() is False

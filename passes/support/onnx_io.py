@@ -433,15 +433,20 @@ SHARED_ARENA = {"session.use_env_allocators": "1"}     # session configuration: 
 
 
 @functools.cache
-def share_cuda_arena() -> None:
+def share_cuda_arena() -> bool:
     """Registers one CUDA memory arena for the whole process (once), growing by what is asked for; sessions made
     with SHARED_ARENA in their configuration take their activations and outputs from it. What a session's runs
     used goes back to this arena when it closes, for the next session, instead of dying with its own arena:
-    the segment-major analysis of 40 Super-49B layers (48.2 GB) peaked at 20.9 GB with it, 31.0 GB without."""
+    the segment-major analysis of 40 Super-49B layers (48.2 GB) peaked at 20.9 GB with it, 31.0 GB without.
+    False where this onnxruntime cannot register one: its sessions then keep an arena each, as before."""
     import onnxruntime as ort
     memory = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator_v2("CUDAExecutionProvider", memory, {"device_id": "0"},
-                                         ort.OrtArenaCfg({"arena_extend_strategy": 1}))   # 1: kSameAsRequested
+    try:
+        ort.create_and_register_allocator_v2("CUDAExecutionProvider", memory, {"device_id": "0"},
+                                             ort.OrtArenaCfg({"arena_extend_strategy": 1}))   # 1: kSameAsRequested
+    except RuntimeError:
+        return False
+    return True
 
 
 def confined_cpus() -> int | None:
