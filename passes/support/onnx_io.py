@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import stat
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterator
@@ -493,15 +494,13 @@ def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_v
     run_with_iobinding: then outputs and feeds are unused and the results are the binding's) in the runner thread,
     so that SIGINT / SIGTERM stop even a long run within a moment: the main thread waits, and on an interrupt
     sets RunOptions.terminate, which onnxruntime checks between nodes, then re-raises."""
-    from concurrent import futures
-
     import onnxruntime as ort
     options = ort.RunOptions()
+    runner = _runner(os.getpid())
     if binding is not None:
-        done = _runner(os.getpid()).submit(session.run_with_iobinding, binding, options)
+        done = runner.submit(session.run_with_iobinding, binding, options)
     else:
-        run = session.run_with_ort_values if ort_values else session.run
-        done = _runner(os.getpid()).submit(run, outputs, feeds, options)
+        done = runner.submit(session.run_with_ort_values if ort_values else session.run, outputs, feeds, options)
     try:
         while not done.done():
             futures.wait([done], timeout=0.05)
@@ -517,8 +516,7 @@ def _runner(pid: int):
     """The one thread (of process `pid`: a forked child makes its own) every onnxruntime run goes through. One
     that lives, not one per run: a new thread for every run of the CUDA provider doubled the time of SmolLM2's
     analysis on an H200 (12.3 s against 5.8 s)."""
-    from concurrent.futures import ThreadPoolExecutor
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime-run")
+    return futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime-run")
 
 
 def verify_model(path: Path, reference: Path | None = None) -> None:
