@@ -82,6 +82,68 @@ def test_segments_read_the_weights_once(lm):
     assert {"weights_read_bytes", "weights_read_multiple", "execution", "segments", "activations"} <= set(record)
 
 
+def test_how_sessions_open_changes_no_number(lm, monkeypatch):
+    """Every inline weight handed to onnxruntime over its own bytes (LIFT_BYTES 0), then one segment opened ahead at
+    a time with shape-inferred input types that are all wrong (each such session is opened again with the types
+    the base made): the numbers of the plain run, to the last bit."""
+    from passes.measure import streams
+    from passes.support import onnx_io
+    want = lm["segments"]
+    feeds = {"input_ids": lm["ids"]}
+
+    def run():
+        return compute_metrics(lm["model"], feeds, predict=4, progress=False, probe_tokens=64)
+
+    def same(got):
+        np.testing.assert_array_equal(matrix(got), matrix(want))
+        assert got.cosdist_io == want.cosdist_io and got.ratio == want.ratio
+        assert [c.predicted_cost for c in got.candidates] == [c.predicted_cost for c in want.candidates]
+
+    monkeypatch.setattr(onnx_io, "LIFT_BYTES", 0)
+    lifted = []
+    real = onnx_io._over_bytes
+    monkeypatch.setattr(onnx_io, "_over_bytes", lambda t: lifted.append(t.name) or real(t))
+    same(run())
+    assert len(set(lifted)) == sum(1 for t in lm["model"].proto.graph.initializer if t.HasField("raw_data"))
+
+    opened = []
+    monkeypatch.setattr(streams, "AHEAD_BYTES", 0)
+    monkeypatch.setattr(streams, "inferred_types", lambda proto: {o: onnx.TensorProto.DOUBLE for n in proto.graph.node
+                                                                   for o in n.output})
+    real_open = streams.StreamRuns._open
+    monkeypatch.setattr(streams.StreamRuns, "_open", lambda self, k, types: opened.append(k) or real_open(self, k, types))
+    same(run())
+    assert len(opened) > 2 * len(set(opened)) - 2        # nearly every segment opened twice
+
+
+def test_lifted_weight_placeholder():
+    """placeholder(): a big inline tensor becomes a typed, shaped external reference that no file backs, and
+    ort_session fills it from the tensor's own bytes: x @ W as numpy computes it; small and external ones stay."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from passes.support.onnx_io import LIFT_BYTES, LIFTED, ort_session, placeholder
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, LIFT_BYTES // 2048 + 1)).astype(np.float32)       # just over LIFT_BYTES
+    big, small = numpy_helper.from_array(w, "W"), numpy_helper.from_array(w[:2, :2].copy(), "S")
+    lifted = placeholder(big)
+    assert placeholder(small) is small and placeholder(lifted) is lifted
+    assert lifted.name == "W" and list(lifted.dims) == list(w.shape) and lifted.data_type == TensorProto.FLOAT
+    assert not lifted.HasField("raw_data") and {e.key: e.value for e in lifted.external_data}["location"] == LIFTED
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [lifted])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    got = ort_session(model, weights={"W": big}).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-4, atol=1e-4)
+    short = TensorProto()
+    short.CopyFrom(big)
+    short.raw_data = short.raw_data[:-4]
+    with pytest.raises(UserError, match="'W' holds"):
+        ort_session(model, weights={"W": short})
+
+
 def test_plan_cuts_every_node_once(lm):
     """Every node the analysis needs is in one segment (constant subgraphs in each that reads them); segment k >= 1
     begins with its residual node; a segment reads only graph inputs, initializers and what earlier segments
@@ -165,12 +227,16 @@ def test_reductions_are_the_numpy_rules():
     np.testing.assert_array_equal(reduce.host(bf16), exact)
     np.testing.assert_array_equal(reduce.rows(bf16, rows), exact.reshape(-1, 16)[rows])
     assert not reduce.host(reduce.zeros_like(bf16)).any()
-    for value in (ov(a), ov(np.array(7)), ov(np.array([True, False])), bf16):      # own: a copy in its own memory
-        copy = reduce.own(value)
+    values = [ov(a), ov(np.array(7)), ov(np.array([True, False])), bf16]
+    copies = reduce.own(values)                                      # own: copies in its own memory, in one run
+    assert len(copies) == len(values) and reduce.own([]) == []
+    for value, copy in zip(values, copies):
         assert copy.data_ptr() != value.data_ptr() and copy.shape() == value.shape()
         assert copy.data_type() == value.data_type()
-    np.testing.assert_array_equal(reduce.own(ov(a)).numpy(), a)
-    np.testing.assert_array_equal(reduce.host(reduce.own(bf16)), exact)
+    np.testing.assert_array_equal(copies[0].numpy(), a)
+    assert copies[1].numpy() == 7 and copies[2].numpy().tolist() == [True, False]
+    np.testing.assert_array_equal(reduce.host(copies[3]), exact)
+    np.testing.assert_array_equal(reduce.own([ov(a)])[0].numpy(), a)
 
 
 def test_cli_stream_switch_and_report(lm, tmp_path):

@@ -9,8 +9,8 @@ For a, b [..., d] (tokens = every position but the last axis; norms over the las
     rows(v, r)        the rows r of v [tokens, d] as float32 (float64 stays float64)
     host(v)           v in numpy as float32 (float64 stays float64), wherever v is
     zeros_like(v)     zeros of v's shape and type, on the device the streams live on
-    own(v)            a copy of v (Identity from a graph input to a graph output) in memory these reductions own,
-                      on the device the streams live on
+    own(vs)           a copy of each of the values vs (Identity from a graph input to a graph output), in memory
+                      these reductions own, on the device the streams live on: one run for all of them
 These are exactly the numpy rules of passes.measure.metrics (cosine_distance, norm_ratio) and
 passes.measure.change (next_token_agreement); tests/test_stream_analysis.py holds them to each other.
 """
@@ -78,14 +78,16 @@ class _Graph:
         return model
 
 
-def _cosine(t: int) -> onnx.ModelProto:
+def _cosine(types: tuple[int, ...]) -> onnx.ModelProto:
+    t = types[0]
     g = _Graph()
     a, b = g.op("Cast", "a", to=D), g.op("Cast", "b", to=D)
     na, nb = g.norm(a), g.norm(b)
     return g.model([("a", t), ("b", t)], [("dist", g.half_squared_distance(a, na, b, nb)), ("na", na), ("nb", nb)])
 
 
-def _residual(t: int) -> onnx.ModelProto:
+def _residual(types: tuple[int, ...]) -> onnx.ModelProto:
+    t = types[0]
     g = _Graph()
     x, h = g.op("Cast", "x", to=D), g.op("Cast", "h", to=D)
     s = g.op("Add", x, h)
@@ -99,7 +101,8 @@ def _rows_2d(g: _Graph, v: str) -> str:
     return g.op("Reshape", v, g.op("Concat", g.const([-1]), g.op("Shape", v, start=-1), axis=0))
 
 
-def _next_token(t: int) -> onnx.ModelProto:
+def _next_token(types: tuple[int, ...]) -> onnx.ModelProto:
+    t = types[0]
     g = _Graph()
 
     def log_softmax(v: str) -> str:
@@ -118,26 +121,29 @@ def _float(t: int) -> int:
     return D if t == D else TensorProto.FLOAT
 
 
-def _rows(t: int) -> onnx.ModelProto:
+def _rows(types: tuple[int, ...]) -> onnx.ModelProto:
+    t = types[0]
     g = _Graph()
     rows = g.op("Cast", g.op("Gather", _rows_2d(g, "v"), "rows", axis=0), to=_float(t))
     return g.model([("v", t), ("rows", TensorProto.INT64)], [("picked", rows)])
 
 
-def _cast(t: int) -> onnx.ModelProto:
+def _cast(types: tuple[int, ...]) -> onnx.ModelProto:
+    t = types[0]
     g = _Graph()
     return g.model([("v", t)], [("cast", g.op("Cast", "v", to=_float(t)))])
 
 
-def _zeros(t: int) -> onnx.ModelProto:
+def _zeros(types: tuple[int, ...]) -> onnx.ModelProto:
+    t = types[0]
     g = _Graph()
     zeros = g.op("ConstantOfShape", g.op("Shape", "v"), value=helper.make_tensor("value", t, [1], [0]))
     return g.model([("v", t)], [("zeros", zeros)])
 
 
-def _own(t: int) -> onnx.ModelProto:
+def _own(types: tuple[int, ...]) -> onnx.ModelProto:
     g = _Graph()
-    return g.model([("v", t)], [("copy", "v")])
+    return g.model([(f"v{i}", t) for i, t in enumerate(types)], [(f"copy{i}", f"v{i}") for i in range(len(types))])
 
 
 _BUILDERS = {"cosine": _cosine, "residual": _residual, "next_token": _next_token, "rows": _rows, "cast": _cast,
@@ -146,7 +152,8 @@ _BUILDERS = {"cosine": _cosine, "residual": _residual, "next_token": _next_token
 
 class Reductions:
     """The reductions of the module docstring on `providers`; results of `zeros_like` stay on `device` ("cpu" or
-    "cuda"), everything else comes back to numpy. One session per (reduction, element type), made on first use."""
+    "cuda"), everything else comes back to numpy. One session per reduction and element types of the values fed
+    (each builder above takes that tuple), made on first use."""
 
     def __init__(self, providers: list, device: str):
         self.providers, self.device = providers, device
@@ -154,15 +161,15 @@ class Reductions:
         self.session_seconds = 0.0
 
     def _run(self, kind: str, feeds: dict, device: str = "cpu") -> list:
-        """Run reduction `kind` for the element type of its first feed (an OrtValue); outputs bound to `device`."""
+        """Run reduction `kind` for the element types of its OrtValue feeds; outputs bound to `device`."""
         import onnxruntime as ort
-        t = ort_type_to_onnx(next(iter(feeds.values())).data_type())
-        session = self.sessions.get((kind, t))
+        types = tuple(ort_type_to_onnx(v.data_type()) for v in feeds.values() if isinstance(v, ort.OrtValue))
+        session = self.sessions.get((kind, types))
         if session is None:
             start = time.perf_counter()
             # the copy runs as written: no graph optimization may remove it
-            session = self.sessions[kind, t] = ort_session(_BUILDERS[kind](t), light=kind == "own",
-                                                           providers=self.providers, config=QUIET)
+            session = self.sessions[kind, types] = ort_session(_BUILDERS[kind](types), light=kind == "own",
+                                                               providers=self.providers, config=QUIET)
             self.session_seconds += time.perf_counter() - start
         binding = session.io_binding()
         for name, value in feeds.items():
@@ -201,5 +208,5 @@ class Reductions:
     def zeros_like(self, value):
         return self._run("zeros", {"v": value}, self.device)[0]
 
-    def own(self, value):
-        return self._run("own", {"v": value}, self.device)[0]
+    def own(self, values: list) -> list:
+        return self._run("own", {f"v{i}": v for i, v in enumerate(values)}, self.device) if values else []

@@ -32,6 +32,7 @@ from passes.support.onnx_io import (
     LoadedModel,
     execution_providers,
     ort_session,
+    placeholder,
     resolve_provider,
     run_session,
     tensor_nbytes,
@@ -231,8 +232,9 @@ def _variant(proto: onnx.ModelProto, net: GraphIndex, cut: _Cut, input_types: Ma
 def submodel(proto: onnx.ModelProto, net: GraphIndex, label: str, nodes: list[onnx.NodeProto],
              inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], inits: Sequence[str]) -> onnx.ModelProto:
     """A model of `nodes` from `proto` (its opsets, functions and IR version), with the initializers `inits`
-    (external ones stay references to the model's data files)."""
-    dense = [net.initializers[n] for n in inits if n in net.initializers]
+    (external ones stay references to the model's data files; big inline ones become placeholders, which
+    open_session fills from `net.initializers`)."""
+    dense = [placeholder(net.initializers[n]) for n in inits if n in net.initializers]
     sparse = [net.sparse_initializers[n] for n in inits if n in net.sparse_initializers]
     graph = helper.make_graph(nodes, f"{proto.graph.name or 'graph'}_{label.replace(' ', '_')}", inputs, outputs,
                               initializer=dense, sparse_initializer=sparse)
@@ -247,11 +249,11 @@ def submodel(proto: onnx.ModelProto, net: GraphIndex, label: str, nodes: list[on
 
 # ---------------------------------------------------------------- running
 
-def open_session(model: onnx.ModelProto, base_dir, providers: list, config: dict[str, str] | None = None):
-    """An onnxruntime session over an in-memory part of the model (external data in base_dir); kernels onnxruntime
+def open_session(model: onnx.ModelProto, net: GraphIndex, base_dir, providers: list, config: dict[str, str] | None = None):
+    """An onnxruntime session over a submodel of `net`'s graph (external data in base_dir); kernels onnxruntime
     lacks (bf16 on the CPU) are a UserError."""
     try:
-        return ort_session(model, base_dir=base_dir, providers=providers, config=config)
+        return ort_session(model, base_dir=base_dir, providers=providers, config=config, weights=net.initializers)
     except Exception as exc:
         _explain_ort_failure(exc)
         raise
@@ -323,8 +325,8 @@ class SuffixRuns:
         import onnxruntime as ort
         self.bar.set_postfix_str(cut.label)
         t0 = time.perf_counter()
-        session = open_session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.model.base_dir,
-                               self.providers)
+        session = open_session(_variant(self.model.proto, self.net, cut, input_types, self.float_names), self.net,
+                               self.model.base_dir, self.providers)
         self.session_seconds += time.perf_counter() - t0
         self.weights_read += weight_bytes(self.net, cut.inits)
         names = [o.name for o in session.get_outputs()]

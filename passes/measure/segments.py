@@ -22,6 +22,7 @@ from onnx import helper
 
 from passes.measure.runs import submodel, weight_bytes, weight_flops
 from passes.support.graph import GraphIndex
+from passes.support.onnx_io import placeholder
 
 X_SLOT, A_SLOT = "__segment/x", "__segment/a"
 SEGMENT_BYTES = 2 << 30     # residual nodes the analysis does not need are cut where a segment would pass this
@@ -184,3 +185,21 @@ def segment_model(proto: onnx.ModelProto, plan: SegmentPlan, index: int, types: 
         inputs += [helper.make_tensor_value_info(slot, types[t], None) for slot, t in zip((X_SLOT, A_SLOT), segment.slots)]
     outputs = [helper.ValueInfoProto(name=t) for t in segment.outputs]
     return submodel(proto, net, f"segment_{index}", nodes, inputs, outputs, segment.inits)
+
+
+def inferred_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """The element types of the graph's tensors as ONNX shape inference finds them, on a copy that leaves big
+    inline weights out (passes.support.onnx_io.placeholder); {} where inference fails. Tensors it cannot type (the
+    outputs of an op it does not know, and what follows from them) are absent."""
+    light = onnx.ModelProto(ir_version=proto.ir_version)
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, field).extend(getattr(proto.graph, field))
+    light.graph.initializer.extend(placeholder(t) for t in proto.graph.initializer)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:       # onnx raises its own errors, and others, for graphs it cannot read
+        return {}
+    values = (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}

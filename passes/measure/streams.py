@@ -9,12 +9,16 @@ targets. At every residual node of `sites` each stream passes, the consumer is h
 (Observation); at the end each stream that ran there hands over the targets (Output): the base first, then the
 streams in the order given. Values stay where onnxruntime made them (on the GPU with --provider cuda, when the
 streams' values fit in ACTIVATION_SHARE of its memory, else in host memory) and are dropped as soon as no later
-segment reads them; one segment's session lives at a time. On the GPU every session takes its activations from
-one arena shared by all of them (passes.support.onnx_io.share_cuda_arena), so that what one segment's runs used
-serves the next, and each value a segment makes is copied out of where its session put it (Reductions.own): a
-value left there keeps its closed session's memory (10 Super-49B layers, 16 GB: peak 7.9 GB with the copies,
-11.3 GB without). bfloat16 models need the CUDA provider: onnxruntime's CPU kernels do not run bf16, which
-open_session reports in one line before any number is made.
+segment reads them. Sessions are opened ahead, in segment order, on a thread of their own while this segment's
+streams run (their weights load while these compute), as long as the weights of those waiting stay within
+AHEAD_BYTES; the input types they are opened with come from ONNX shape inference where the base has not made
+the values yet (inferred_types), and a session opened with a type the base then does not make is opened again.
+On the GPU every session takes its activations from one arena shared by all of them (passes.support.onnx_io.
+share_cuda_arena), so that what one segment's runs used serves the next, and the values of each run are copied
+out of where its session put them (Reductions.own, one run for all): a value left there keeps its closed
+session's memory (10 Super-49B layers, 16 GB: peak 7.9 GB with the copies, 11.3 GB without). bfloat16 models
+need the CUDA provider: onnxruntime's CPU kernels do not run bf16, which open_session reports in one line
+before any number is made.
 
 Cost (passes.measure.runs.Cost): forward-pass equivalents are the weight-MatMul FLOPs of every segment run by
 every stream over those of the whole graph; weights read are the initializer bytes each segment's session
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
@@ -32,7 +37,7 @@ import numpy as np
 from passes.attention.stream import find_stream
 from passes.measure.reductions import Reductions
 from passes.measure.runs import RUNS, Cost, Removable, open_session, weight_bytes, weight_flops
-from passes.measure.segments import A_SLOT, X_SLOT, SegmentPlan, plan_segments, segment_model
+from passes.measure.segments import A_SLOT, X_SLOT, SegmentPlan, inferred_types, plan_segments, segment_model
 from passes.support.graph import GraphIndex
 from passes.support.graph_inputs import ort_type_to_onnx
 from passes.support.onnx_io import (SHARED_ARENA, LoadedModel, execution_providers, resolve_provider, run_session,
@@ -41,6 +46,7 @@ from passes.support.onnx_io import (SHARED_ARENA, LoadedModel, execution_provide
 BASE = "base"
 ZERO = "zeros"
 ACTIVATION_SHARE = 0.5      # stream values are kept on the GPU while they fit in this share of its memory
+AHEAD_BYTES = 1 << 30       # segments are opened ahead while their weights stay within this (the next one always)
 # weights freed with their session; threads that sleep between runs (spinning workers of one session slow the
 # reductions and runs that follow: SmolLM2's analysis on 2 cores took 44 s with them, 33 s without)
 SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "session.intra_op.allow_spinning": "0",
@@ -125,6 +131,8 @@ class StreamRuns:
         self.finished: list[_Live] = []
         self.retained: dict[Source, object] = {}          # values streams take from others, until they depart
         self.per_segment: list[dict] = []
+        self.ahead: dict[int, tuple] = {}        # segment -> (input types, its session being opened or opened)
+        self.static: dict[str, int] = {}                    # element types from shape inference
         self.progress, self.desc = progress, desc
 
     # ---------------------------------------------------------------- running
@@ -135,34 +143,82 @@ class StreamRuns:
         base.state = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for n, v in self.feeds.items()
                       if n in self.net.inputs}
         self.lives, self.finished, self.retained, self.per_segment = [base], [], {}, []
+        self.ahead, self.static = {}, {}
         wanted = [src for s in self.streams for src in (s.a, s.x) if isinstance(src, Source)]
-        with tqdm(total=self.base_last + 1, desc=self.desc, unit="segment", disable=None if self.progress else True,
-                  leave=False) as bar:
-            for k in range(self.base_last + 1):
-                for spec in self.streams:
-                    if self.first[spec.label] == k:
-                        self.lives.append(self._depart(spec, base, wanted))
-                runners = [live for live in self.lives if live.first <= k <= live.last]
-                bar.set_postfix_str(f"{len(runners)} streams")
-                session = self._session(k, base)
-                for live in runners:
-                    self._run(session, k, live, base)
-                    yield from self._after(k, live, base, wanted)
-                del session
-                if k == 0 and self.provider == "cuda":
-                    self._place(base)
-                self._release(k)
-                bar.update(1)
+        opener = futures.ThreadPoolExecutor(1, thread_name_prefix="onnxruntime-open")
+        try:
+            with tqdm(total=self.base_last + 1, desc=self.desc, unit="segment", disable=None if self.progress else True,
+                      leave=False) as bar:
+                self._open_ahead(opener, 0, base)
+                self.static = inferred_types(self.model.proto)      # while segment 0 opens
+                for k in range(self.base_last + 1):
+                    for spec in self.streams:
+                        if self.first[spec.label] == k:
+                            self.lives.append(self._depart(spec, base, wanted))
+                    runners = [live for live in self.lives if live.first <= k <= live.last]
+                    bar.set_postfix_str(f"{len(runners)} streams")
+                    self._open_ahead(opener, k, base)
+                    session = self._session(k, base)
+                    self._open_ahead(opener, k + 1, base)
+                    for live in runners:
+                        self._run(session, k, live, base)
+                        if live is base:        # what segment k made is typed now
+                            self._open_ahead(opener, k + 1, base)
+                        yield from self._after(k, live, base, wanted)
+                    del session
+                    if k == 0 and self.provider == "cuda":
+                        self._place(base)
+                    self._release(k)
+                    bar.update(1)
+        finally:                # on an early stop (Ctrl-C, an error) sessions not yet opening are not opened
+            opener.shutdown(wait=True, cancel_futures=True)
+
+    def _open_ahead(self, opener: futures.Executor, k: int, base: _Live) -> None:
+        """Have `opener` open segments k, k + 1, ... in order while the weights of those opened and not yet run
+        stay within AHEAD_BYTES (one at least), as far as their inputs can be typed (_input_types)."""
+        while k <= self.base_last:
+            if k not in self.ahead:
+                held = sum(self.plan.segments[j].weight_bytes for j in self.ahead)
+                types = self._input_types(k, base, self.static)
+                if (self.ahead and held + self.plan.segments[k].weight_bytes > AHEAD_BYTES) or types is None:
+                    return
+                self.ahead[k] = (types, opener.submit(self._open, k, types))
+            k += 1
+
+    def _input_types(self, k: int, base: _Live, static: dict) -> dict[str, int] | None:
+        """The element types of segment k's inputs, as the base made them or else as `static` has them; None
+        while one is unknown."""
+        segment = self.plan.segments[k]
+        types = {}
+        for t in (*segment.inputs, *(segment.slots or ())):
+            if t in base.state:
+                types[t] = ort_type_to_onnx(base.state[t].data_type())
+            elif t in static:
+                types[t] = static[t]
+            else:
+                return None
+        return types
+
+    def _open(self, k: int, types: dict[str, int]) -> tuple[object, float]:
+        """Segment k's session with its inputs declared as `types`, and the seconds it took."""
+        start = time.perf_counter()
+        session = open_session(segment_model(self.model.proto, self.plan, k, types), self.net, self.model.base_dir,
+                               self.providers, SESSION_CONFIG)
+        return session, time.perf_counter() - start
 
     def _session(self, k: int, base: _Live):
-        segment = self.plan.segments[k]
-        types = {t: ort_type_to_onnx(base.state[t].data_type()) for t in (*segment.inputs, *(segment.slots or ()))}
+        """Segment k's session from the opener; the base is charged the time waited for it."""
         start = time.perf_counter()
-        session = open_session(segment_model(self.model.proto, self.plan, k, types), self.model.base_dir, self.providers,
-                               SESSION_CONFIG)
-        seconds = time.perf_counter() - start
+        types, opening = self.ahead.pop(k)
+        made = self._input_types(k, base, {})
+        if made is None or types == made:
+            session, seconds = opening.result()
+        else:       # opened with inferred types the base did not make (it may have failed): again, with those made
+            opening.cancel() or futures.wait([opening])
+            session, seconds = self._open(k, made)
+        base.runs["seconds"] += time.perf_counter() - start
         self.session_seconds += seconds
-        base.runs["seconds"] += seconds
+        segment = self.plan.segments[k]
         self.weights_read += segment.weight_bytes
         self.per_segment.append({"segment": k, "starts_at": "prologue" if segment.residual is None
                                  else self.net.node_label(segment.residual), "weight_bytes": segment.weight_bytes,
@@ -183,7 +239,7 @@ class StreamRuns:
         for t in segment.outputs:
             binding.bind_output(t, self.device, 0)
         run_session(session, None, None, binding=binding)
-        live.state.update(zip(segment.outputs, map(self.reduce.own, binding.get_outputs())))
+        live.state.update(zip(segment.outputs, self.reduce.own(binding.get_outputs())))
         seconds = time.perf_counter() - start
         live.runs["seconds"] += seconds
         self.per_segment[-1]["runs"] += 1

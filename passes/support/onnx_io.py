@@ -202,6 +202,7 @@ def _expected_bytes(tensor: TensorProto, where: str) -> int:
     return int(np.prod(tensor.dims, dtype=object)) * itemsize if tensor.dims else itemsize
 
 
+@functools.cache
 def np_dtype(data_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
 
@@ -430,6 +431,50 @@ def execution_providers(provider: str | None) -> list:
     return ["CPUExecutionProvider"]
 
 
+# inline tensors this big reach a session over their own bytes (an OrtValue each), not copied into its protobuf:
+# the prologue segment of the real SmolLM2 (121 MB of inline weights) was made and opened in 0.17 s, not 0.92 s
+LIFT_BYTES = 1 << 20
+LIFTED = "lifted-inline-tensor"      # the external-data location of their placeholders (never a file)
+_STORAGE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}     # itemsize -> dtype the bytes are viewed as
+_PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}
+
+
+def placeholder(tensor: TensorProto) -> TensorProto:
+    """`tensor` itself, or for an inline tensor of at least LIFT_BYTES held as raw_data, a placeholder of its name,
+    type and shape (external data at LIFTED) that ort_session fills from its `weights` without a copy."""
+    if (_is_external(tensor) or not tensor.HasField("raw_data")
+            or tensor.data_type in (TensorProto.STRING, *_PACKED)):
+        return tensor
+    try:
+        itemsize = np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):      # not a type onnx knows: onnxruntime will say so
+        return tensor
+    if itemsize not in _STORAGE or tensor_nbytes(tensor) < LIFT_BYTES:
+        return tensor
+    lifted = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", LIFTED), ("offset", "0"), ("length", str(tensor_nbytes(tensor)))):
+        entry = lifted.external_data.add()
+        entry.key, entry.value = key, value
+    return lifted
+
+
+def _lifted_names(model: onnx.ModelProto) -> list[str]:
+    return [t.name for t in model.graph.initializer
+            if _is_external(t) and any(e.key == "location" and e.value == LIFTED for e in t.external_data)]
+
+
+def _over_bytes(tensor: TensorProto):
+    """An OrtValue over the raw_data of an inline tensor (its element type, its shape; no copy of the bytes)."""
+    import onnxruntime as ort
+    raw = tensor.raw_data
+    if len(raw) != tensor_nbytes(tensor):
+        fail(f"initializer '{tensor.name}' holds {len(raw)} bytes; its shape {list(tensor.dims)} and type "
+             f"{TensorProto.DataType.Name(tensor.data_type)} need {tensor_nbytes(tensor)}")
+    array = np.frombuffer(raw, _STORAGE[np_dtype(tensor.data_type).itemsize]).reshape(tuple(tensor.dims))
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, tensor.data_type)
+
+
 SHARED_ARENA = {"session.use_env_allocators": "1"}     # session configuration: take memory from the shared arena
 
 
@@ -458,12 +503,13 @@ def confined_cpus() -> int | None:
 
 
 def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: list | None = None,
-                base_dir: Path | None = None, config: dict[str, str] | None = None):
+                base_dir: Path | None = None, config: dict[str, str] | None = None,
+                weights: dict[str, TensorProto] | None = None):
     """An onnxruntime session over a file, or over an in-memory graph whose external data lies in base_dir
     (providers: execution_providers(...); default the CPU).
 
     light=True skips graph optimizations and weight prepacking (a load check); `config`: more session
-    configuration entries."""
+    configuration entries; `weights`: the tensors of the graph's placeholders (see `placeholder`) by name."""
     import onnxruntime as ort
     ort.set_default_logger_severity(3)   # errors only (onnxruntime-gpu 1.31 warns about plugin EPs at every session)
     options = ort.SessionOptions()
@@ -474,13 +520,19 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
     if light:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
+    lifted = []
     if isinstance(model, onnx.ModelProto):
+        names = _lifted_names(model)
+        if names:
+            lifted = [_over_bytes(weights[name]) for name in names]
+            options.add_external_initializers(names, lifted)
         if base_dir is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
         model = model.SerializeToString()
     else:
         model = str(model)
     session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    session.lifted_weights = lifted       # onnxruntime may read them in place (the CPU provider does) while it lives
     wanted = {p[0] if isinstance(p, tuple) else p for p in providers or ()}
     if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
         fail("onnxruntime could not start its CUDA execution provider (are the CUDA and cuDNN versions this "
