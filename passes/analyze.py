@@ -19,7 +19,7 @@ Report (JSON): tool, model, blocks (ordinal, node names, width, ...), chains, se
 inputs (source, shapes; a warning for random tokens), tokens, metrics {ordinal: {cosdist_io, ratio}},
 dependency {ordinals, scope, matrix (row i, column j; null = not measured)}, candidates {unit, definition,
 groups: [{span, predicted_cost, relative_error, sensitivity, max_m}]}, cost {forward_pass_equivalents,
-node_fraction, seconds, session_seconds, runs, per_run, parts {name: {forward_pass_equivalents, seconds, count}},
+node_fraction, seconds, session_seconds, session_wait_seconds, runs, per_run, parts {name: {forward_pass_equivalents, seconds, count}},
 definition, provider, weights_read_bytes, weights_read_multiple, execution, segments, activations,
 activation_bytes_peak, per_segment [{segment, starts_at, weight_bytes, session_seconds, runs, run_seconds,
 forward_pass_fraction}]}, seconds.
@@ -101,8 +101,10 @@ def summary(report: dict) -> str:
                              "-" if c["max_m"] is None else c["max_m"]) for c in shown],
                            header=("group", f"predicted {candidates['unit']}", "max M")))
     parts = "; ".join(f"{name} {p['forward_pass_equivalents']:.3g} in {p['seconds']:.2f} s" for name, p in cost["parts"].items())
+    waited = cost.get("session_wait_seconds")
+    sessions = f"{cost['session_seconds']:.2f} s creating sessions" + (f", {waited:.2f} s of it waited for" if waited is not None else "")
     lines.append(f"  cost: {cost['forward_pass_equivalents']:.3g} forward-pass equivalents ({parts}), "
-                 f"{cost['seconds']:.2f} s in all ({cost['session_seconds']:.2f} s creating sessions); weights read "
+                 f"{cost['seconds']:.2f} s in all ({sessions}); weights read "
                  f"{cost['weights_read_bytes'] / 1e9:.3g} GB = {cost['weights_read_multiple']:.3g}x the model "
                  f"({cost['execution']}, {cost['provider']})")
     return "\n".join(lines)

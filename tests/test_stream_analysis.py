@@ -116,6 +116,19 @@ def test_how_sessions_open_changes_no_number(lm, monkeypatch):
     assert len(opened) > 2 * len(set(opened)) - 2        # nearly every segment opened twice
 
 
+def test_inferred_types_ignore_stale_value_info(lm):
+    """Shape inference types every tensor a segment may read, whatever the model's value_info claims."""
+    from passes.measure.segments import inferred_types
+    proto = onnx.ModelProto()
+    proto.CopyFrom(lm["model"].proto)
+    shapes = [n.output[0] for n in proto.graph.node if n.op_type == "Shape"]
+    assert shapes
+    proto.graph.value_info.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT16, None) for t in shapes)
+    types = inferred_types(proto)
+    assert {types[t] for t in shapes} == {onnx.TensorProto.INT64}
+    assert all(o in types for n in proto.graph.node for o in n.output if o)
+
+
 def test_lifted_weight_placeholder():
     """placeholder(): a big inline tensor becomes a typed, shaped external reference that no file backs, and
     ort_session fills it from the tensor's own bytes: x @ W as numpy computes it; small and external ones stay."""

@@ -55,7 +55,7 @@ class Cost:
     forward_pass_equivalents: float   # see COST_DEFINITION
     node_fraction: float              # sum over runs of (nodes in the run) / (nodes of the original graph)
     seconds: float                    # wall time of the whole analysis (sessions, runs, metrics)
-    session_seconds: float            # of which creating onnxruntime sessions
+    session_seconds: float            # creating onnxruntime sessions (execution "segments": partly while runs went on)
     runs: int
     per_run: list[dict] = field(default_factory=list)   # {"run", "part", "forward_pass_fraction", "nodes", "seconds"}
     definition: str = COST_DEFINITION
@@ -68,6 +68,7 @@ class Cost:
     activation_bytes_peak: int | None = None   # most bytes of stream values held at once (execution "segments")
     per_segment: list[dict] = field(default_factory=list)   # execution "segments": {"segment", "starts_at",
     #   "weight_bytes", "session_seconds", "runs", "run_seconds", "forward_pass_fraction"} (one run of it)
+    session_wait_seconds: float | None = None   # execution "segments": of `seconds`, waiting for sessions to open
 
     @property
     def parts(self) -> dict[str, dict]:
@@ -88,6 +89,7 @@ class Cost:
         rec["node_fraction"] = round(self.node_fraction, 4)
         rec["seconds"] = round(self.seconds, 3)
         rec["session_seconds"] = round(self.session_seconds, 3)
+        rec["session_wait_seconds"] = None if self.session_wait_seconds is None else round(self.session_wait_seconds, 3)
         rec["weights_read_multiple"] = None if self.weights_read_multiple is None else round(self.weights_read_multiple, 4)
         return rec
 

@@ -194,7 +194,7 @@ def inferred_types(proto: onnx.ModelProto) -> dict[str, int]:
     light = onnx.ModelProto(ir_version=proto.ir_version)
     light.opset_import.extend(proto.opset_import)
     light.functions.extend(proto.functions)
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+    for field in ("node", "input", "output", "sparse_initializer"):     # value_info left out: it may be stale
         getattr(light.graph, field).extend(getattr(proto.graph, field))
     light.graph.initializer.extend(placeholder(t) for t in proto.graph.initializer)
     try:

@@ -126,7 +126,7 @@ class StreamRuns:
         self.total_flops = sum(weight_flops(self.net))
         self.device = self.provider            # where stream values are made: "cpu" or "cuda" (see _place)
         self.reduce = Reductions(self.providers, self.device)
-        self.session_seconds = self.weights_read = self.peak = 0
+        self.session_seconds = self.session_wait = self.weights_read = self.peak = 0
         self.lives: list[_Live] = []
         self.finished: list[_Live] = []
         self.retained: dict[Source, object] = {}          # values streams take from others, until they depart
@@ -172,14 +172,18 @@ class StreamRuns:
                     bar.update(1)
         finally:                # on an early stop (Ctrl-C, an error) sessions not yet opening are not opened
             opener.shutdown(wait=True, cancel_futures=True)
+            self.ahead.clear()
 
     def _open_ahead(self, opener: futures.Executor, k: int, base: _Live) -> None:
         """Have `opener` open segments k, k + 1, ... in order while the weights of those opened and not yet run
         stay within AHEAD_BYTES (one at least), as far as their inputs can be typed (_input_types)."""
         while k <= self.base_last:
+            types = self._input_types(k, base, self.static)
+            if k in self.ahead and types is not None and types != self.ahead[k][0]:    # the base made other types
+                self.static.update(types)
+                self.ahead.pop(k)[1].cancel()
             if k not in self.ahead:
                 held = sum(self.plan.segments[j].weight_bytes for j in self.ahead)
-                types = self._input_types(k, base, self.static)
                 if (self.ahead and held + self.plan.segments[k].weight_bytes > AHEAD_BYTES) or types is None:
                     return
                 self.ahead[k] = (types, opener.submit(self._open, k, types))
@@ -209,14 +213,20 @@ class StreamRuns:
     def _session(self, k: int, base: _Live):
         """Segment k's session from the opener; the base is charged the time waited for it."""
         start = time.perf_counter()
+        if k not in self.ahead:
+            untyped = [t for t in (*self.plan.segments[k].inputs, *(self.plan.segments[k].slots or ())) if t not in base.state]
+            raise ValueError(f"segment {k} reads {untyped}, which no earlier segment made and no input feeds")
         types, opening = self.ahead.pop(k)
         made = self._input_types(k, base, {})
         if made is None or types == made:
             session, seconds = opening.result()
         else:       # opened with inferred types the base did not make (it may have failed): again, with those made
             opening.cancel() or futures.wait([opening])
+            del opening
             session, seconds = self._open(k, made)
-        base.runs["seconds"] += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        base.runs["seconds"] += waited
+        self.session_wait += waited
         self.session_seconds += seconds
         segment = self.plan.segments[k]
         self.weights_read += segment.weight_bytes
@@ -314,7 +324,8 @@ class StreamRuns:
         return Cost(forward_pass_equivalents=float(sum(r["forward_pass_fraction"] or 0.0 for r in per_run)),
                     node_fraction=sum(r["nodes"] for r in per_run) / max(len(self.net.graph.node), 1),
                     seconds=time.perf_counter() - self.start,
-                    session_seconds=self.session_seconds + self.reduce.session_seconds, runs=len(per_run),
+                    session_seconds=self.session_seconds + self.reduce.session_seconds,
+                    session_wait_seconds=self.session_wait + self.reduce.session_seconds, runs=len(per_run),
                     per_run=per_run, provider=self.provider, weights_read_bytes=self.weights_read,
                     weights_read_multiple=self.weights_read / max(weight_bytes(self.net), 1), execution="segments",
                     segments=self.base_last + 1, activations="device" if self.device != "cpu" else "host",

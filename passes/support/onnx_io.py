@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import stat
+import sys
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -441,8 +442,8 @@ _PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT
 
 def placeholder(tensor: TensorProto) -> TensorProto:
     """`tensor` itself, or for an inline tensor of at least LIFT_BYTES held as raw_data, a placeholder of its name,
-    type and shape (external data at LIFTED) that ort_session fills from its `weights` without a copy."""
-    if (_is_external(tensor) or not tensor.HasField("raw_data")
+    type and shape (external data at LIFTED) that ort_session fills from its `weights` (no protobuf copy)."""
+    if (_is_external(tensor) or not tensor.HasField("raw_data") or sys.byteorder != "little"
             or tensor.data_type in (TensorProto.STRING, *_PACKED)):
         return tensor
     try:
@@ -465,7 +466,7 @@ def _lifted_names(model: onnx.ModelProto) -> list[str]:
 
 
 def _over_bytes(tensor: TensorProto):
-    """An OrtValue over the raw_data of an inline tensor (its element type, its shape; no copy of the bytes)."""
+    """An OrtValue over the raw_data of an inline tensor (its element type and shape)."""
     import onnxruntime as ort
     raw = tensor.raw_data
     if len(raw) != tensor_nbytes(tensor):
@@ -522,7 +523,7 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
         options.add_session_config_entry("session.disable_prepacking", "1")
     lifted = []
     if isinstance(model, onnx.ModelProto):
-        names = _lifted_names(model)
+        names = [n for n in _lifted_names(model) if n in (weights or {}) and not _is_external(weights[n])]
         if names:
             lifted = [_over_bytes(weights[name]) for name in names]
             options.add_external_initializers(names, lifted)
@@ -532,7 +533,7 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
     else:
         model = str(model)
     session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
-    session.lifted_weights = lifted       # onnxruntime may read them in place (the CPU provider does) while it lives
+    session.lifted_weights = lifted       # onnxruntime's API asks that they outlive the session
     wanted = {p[0] if isinstance(p, tuple) else p for p in providers or ()}
     if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
         fail("onnxruntime could not start its CUDA execution provider (are the CUDA and cuDNN versions this "
