@@ -78,16 +78,14 @@ class _Graph:
         return model
 
 
-def _cosine(types: tuple[int, ...]) -> onnx.ModelProto:
-    t = types[0]
+def _cosine(t: int) -> onnx.ModelProto:
     g = _Graph()
     a, b = g.op("Cast", "a", to=D), g.op("Cast", "b", to=D)
     na, nb = g.norm(a), g.norm(b)
     return g.model([("a", t), ("b", t)], [("dist", g.half_squared_distance(a, na, b, nb)), ("na", na), ("nb", nb)])
 
 
-def _residual(types: tuple[int, ...]) -> onnx.ModelProto:
-    t = types[0]
+def _residual(t: int) -> onnx.ModelProto:
     g = _Graph()
     x, h = g.op("Cast", "x", to=D), g.op("Cast", "h", to=D)
     s = g.op("Add", x, h)
@@ -101,8 +99,7 @@ def _rows_2d(g: _Graph, v: str) -> str:
     return g.op("Reshape", v, g.op("Concat", g.const([-1]), g.op("Shape", v, start=-1), axis=0))
 
 
-def _next_token(types: tuple[int, ...]) -> onnx.ModelProto:
-    t = types[0]
+def _next_token(t: int) -> onnx.ModelProto:
     g = _Graph()
 
     def log_softmax(v: str) -> str:
@@ -121,21 +118,18 @@ def _float(t: int) -> int:
     return D if t == D else TensorProto.FLOAT
 
 
-def _rows(types: tuple[int, ...]) -> onnx.ModelProto:
-    t = types[0]
+def _rows(t: int) -> onnx.ModelProto:
     g = _Graph()
     rows = g.op("Cast", g.op("Gather", _rows_2d(g, "v"), "rows", axis=0), to=_float(t))
     return g.model([("v", t), ("rows", TensorProto.INT64)], [("picked", rows)])
 
 
-def _cast(types: tuple[int, ...]) -> onnx.ModelProto:
-    t = types[0]
+def _cast(t: int) -> onnx.ModelProto:
     g = _Graph()
     return g.model([("v", t)], [("cast", g.op("Cast", "v", to=_float(t)))])
 
 
-def _zeros(types: tuple[int, ...]) -> onnx.ModelProto:
-    t = types[0]
+def _zeros(t: int) -> onnx.ModelProto:
     g = _Graph()
     zeros = g.op("ConstantOfShape", g.op("Shape", "v"), value=helper.make_tensor("value", t, [1], [0]))
     return g.model([("v", t)], [("zeros", zeros)])
@@ -147,13 +141,13 @@ def _own(types: tuple[int, ...]) -> onnx.ModelProto:
 
 
 _BUILDERS = {"cosine": _cosine, "residual": _residual, "next_token": _next_token, "rows": _rows, "cast": _cast,
-             "zeros": _zeros, "own": _own}
+             "zeros": _zeros}
 
 
 class Reductions:
     """The reductions of the module docstring on `providers`; results of `zeros_like` stay on `device` ("cpu" or
     "cuda"), everything else comes back to numpy. One session per reduction and element types of the values fed
-    (each builder above takes that tuple), made on first use."""
+    (own's graph is built for all of them, the others' for the first), made on first use."""
 
     def __init__(self, providers: list, device: str):
         self.providers, self.device = providers, device
@@ -168,7 +162,8 @@ class Reductions:
         if session is None:
             start = time.perf_counter()
             # the copy runs as written: no graph optimization may remove it
-            session = self.sessions[kind, types] = ort_session(_BUILDERS[kind](types), light=kind == "own",
+            graph = _own(types) if kind == "own" else _BUILDERS[kind](types[0])
+            session = self.sessions[kind, types] = ort_session(graph, light=kind == "own",
                                                                providers=self.providers, config=QUIET)
             self.session_seconds += time.perf_counter() - start
         binding = session.io_binding()

@@ -179,7 +179,8 @@ class StreamRuns:
         stay within AHEAD_BYTES (one at least), as far as their inputs can be typed (_input_types)."""
         while k <= self.base_last:
             types = self._input_types(k, base, self.static)
-            if k in self.ahead and types is not None and types != self.ahead[k][0]:    # the base made other types
+            if k in self.ahead and types is not None and types != self.ahead[k][0]:
+                # opened with inferred types the base did not make (it may even have failed): opened again
                 self.static.update(types)
                 self.ahead.pop(k)[1].cancel()
             if k not in self.ahead:
@@ -211,19 +212,13 @@ class StreamRuns:
         return session, time.perf_counter() - start
 
     def _session(self, k: int, base: _Live):
-        """Segment k's session from the opener; the base is charged the time waited for it."""
+        """Segment k's session from the opener (_open_ahead has just reconciled its types with what the base made);
+        the base is charged the time waited for it."""
         start = time.perf_counter()
         if k not in self.ahead:
             untyped = [t for t in (*self.plan.segments[k].inputs, *(self.plan.segments[k].slots or ())) if t not in base.state]
             raise ValueError(f"segment {k} reads {untyped}, which no earlier segment made and no input feeds")
-        types, opening = self.ahead.pop(k)
-        made = self._input_types(k, base, {})
-        if made is None or types == made:
-            session, seconds = opening.result()
-        else:       # opened with inferred types the base did not make (it may have failed): again, with those made
-            opening.cancel() or futures.wait([opening])
-            del opening
-            session, seconds = self._open(k, made)
+        session, seconds = self.ahead.pop(k)[1].result()
         waited = time.perf_counter() - start
         base.runs["seconds"] += waited
         self.session_wait += waited
