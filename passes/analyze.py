@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if plot is not None:
         check_output(plot, "plot", *inputs, suffix=".png")
         check_output(blocks_plot_path(plot), "per-block plot", *inputs, suffix=".png")
-    model = load_model(args.model)
+    model = load_model(args.model, weights_in_place=True)     # it only reads the model
     for path, what in ((out, "report"), (plot, "plot"), (plot and blocks_plot_path(plot), "per-block plot")):
         if path is not None and path.resolve() in model.external_files:
             fail(f"{what} {path} would overwrite the model's external data; choose another file name")

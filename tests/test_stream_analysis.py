@@ -102,7 +102,7 @@ def test_how_sessions_open_changes_no_number(lm, monkeypatch):
     monkeypatch.setattr(onnx_io, "LIFT_BYTES", 0)
     lifted = []
     real = onnx_io._over_bytes
-    monkeypatch.setattr(onnx_io, "_over_bytes", lambda t: lifted.append(t.name) or real(t))
+    monkeypatch.setattr(onnx_io, "_over_bytes", lambda t, base_dir: lifted.append(t.name) or real(t, base_dir))
     same(run())
     assert len(set(lifted)) == sum(1 for t in lm["model"].proto.graph.initializer if t.HasField("raw_data"))
 
@@ -155,6 +155,76 @@ def test_lifted_weight_placeholder():
     short.raw_data = short.raw_data[:-4]
     with pytest.raises(UserError, match="'W' holds"):
         ort_session(model, weights={"W": short})
+
+
+def test_weights_in_place(lm, monkeypatch):
+    """load_model(weights_in_place=True): every raw_data initializer (LIFT_BYTES 0) becomes external data in the
+    model file at the offset of its bytes, with the values of a whole parse and the rest of the graph unchanged;
+    the analysis over it (each weight handed to onnxruntime through a memory map at that offset) gives the
+    numbers of the whole parse to the last bit."""
+    from passes.support import onnx_io
+    from passes.support.onnx_io import tensor_array
+    monkeypatch.setattr(onnx_io, "LIFT_BYTES", 0)
+    whole = lm["model"]
+    in_place = load_model(lm["path"], weights_in_place=True)
+    raw = [t.name for t in whole.proto.graph.initializer if t.HasField("raw_data")]
+    moved = [t for t in in_place.proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert raw and [t.name for t in moved] == raw and in_place.external_files == {lm["path"].resolve()}
+    data = lm["path"].read_bytes()
+    for a, b in zip(whole.proto.graph.initializer, in_place.proto.graph.initializer):
+        assert a.name == b.name and a.dims == b.dims and a.data_type == b.data_type
+        np.testing.assert_array_equal(tensor_array(b, in_place.base_dir), tensor_array(a, whole.base_dir))
+        if b in moved:
+            where = {e.key: e.value for e in b.external_data}
+            assert where["location"] == lm["path"].name
+            assert data[int(where["offset"]):int(where["offset"]) + int(where["length"])] == a.raw_data
+    rest = [onnx.ModelProto(), onnx.ModelProto()]
+    for proto, model in zip(rest, (whole, in_place)):
+        proto.CopyFrom(model.proto)
+        del proto.graph.initializer[:]
+    assert rest[0] == rest[1]
+    got = compute_metrics(in_place, {"input_ids": lm["ids"]}, predict=4, progress=False, probe_tokens=64)
+    want = lm["segments"]
+    np.testing.assert_array_equal(matrix(got), matrix(want))
+    assert got.cosdist_io == want.cosdist_io and got.ratio == want.ratio
+    assert [c.predicted_cost for c in got.candidates] == [c.predicted_cost for c in want.candidates]
+
+
+def test_weights_in_place_leaves_odd_files_to_the_whole_parse(lm, tmp_path, monkeypatch):
+    """Nothing moves, and load_model says what it always says, for a truncated file, a symbolic link, a
+    tensor whose raw_data does not fill its shape (left inline for the checks inline tensors get) and one
+    that also holds float_data; a model without big tensors parses whole."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from passes.support import onnx_io
+    monkeypatch.setattr(onnx_io, "LIFT_BYTES", 64)
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(lm["path"].read_bytes()[:-1000])
+    for flag in (False, True):
+        with pytest.raises(UserError, match="not a readable ONNX model"):
+            load_model(truncated, weights_in_place=flag)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(lm["path"])
+    assert all(not onnx_io._is_external(t) for t in load_model(link, weights_in_place=True).proto.graph.initializer)
+
+    w = np.arange(64, dtype=np.float32).reshape(8, 8)
+    short = numpy_helper.from_array(w, "short")
+    short.raw_data = short.raw_data[:-4]
+    both = numpy_helper.from_array(w, "both")
+    both.float_data.extend([1.0])
+    good = numpy_helper.from_array(w, "good")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", n], [f"y_{n}"]) for n in ("short", "both", "good")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, None) for n in ("short", "both", "good")],
+                              [short, both, good])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    loaded = {t.name: t for t in load_model(path, weights_in_place=True).proto.graph.initializer}
+    assert loaded["short"] == short and loaded["both"] == both
+    assert onnx_io._is_external(loaded["good"])
+    np.testing.assert_array_equal(onnx_io.tensor_array(loaded["good"], tmp_path), w)
+    monkeypatch.setattr(onnx_io, "LIFT_BYTES", 1 << 20)
+    assert load_model(path, weights_in_place=True).proto == load_model(path).proto
 
 
 def test_plan_cuts_every_node_once(lm):

@@ -13,10 +13,14 @@ segment reads them. Sessions are opened ahead, in segment order, on a thread of 
 streams run (their weights load while these compute), as long as the weights of those waiting stay within
 AHEAD_BYTES; the input types they are opened with come from ONNX shape inference where the base has not made
 the values yet (inferred_types), and a session opened with a type the base then does not make is opened again.
-On the GPU every session takes its activations from one arena shared by all of them (passes.support.onnx_io.
-share_cuda_arena), so that what one segment's runs used serves the next, and the values of each run are copied
-out of where its session put them (Reductions.own, one run for all): a value left there keeps its closed
-session's memory (10 Super-49B layers, 16 GB: peak 7.9 GB with the copies, 11.3 GB without). bfloat16 models
+On the GPU every session takes its activations and outputs from one arena shared by all of them (passes.support.
+onnx_io.share_cuda_arena), so that what one segment's runs used serves the next. The values of a run are copied
+out of where its session put them (Reductions.own, one run for all) where that session has an arena of its own
+(values in host memory; a GPU where no shared arena could be registered: a value left there keeps the closed
+session's whole arena), and in the shared arena when they come to COPY_BYTES or more: left in place they pin
+holes between the run's freed activations (10 Super-49B layers, 16 GB: peak 7.9 GB with the copies, 11.3 GB
+without; 40 layers 20.6 GB against 23.1 GB), while smaller ones cost only the copy's run (SmolLM2's 578 runs,
+2.4 MB each value: 0.2 s of a 2.7 s analysis on an H200). bfloat16 models
 need the CUDA provider: onnxruntime's CPU kernels do not run bf16, which open_session reports in one line
 before any number is made.
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+from onnx import helper
 
 from passes.attention.stream import find_stream
 from passes.measure.reductions import Reductions
@@ -47,6 +52,7 @@ BASE = "base"
 ZERO = "zeros"
 ACTIVATION_SHARE = 0.5      # stream values are kept on the GPU while they fit in this share of its memory
 AHEAD_BYTES = 1 << 30       # segments are opened ahead while their weights stay within this (the next one always)
+COPY_BYTES = 16 << 20       # the values of a run this big are copied out of the shared arena (see the docstring)
 # weights freed with their session; threads that sleep between runs (spinning workers of one session slow the
 # reductions and runs that follow: SmolLM2's analysis on 2 cores took 44 s with them, 33 s without)
 SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1", "session.intra_op.allow_spinning": "0",
@@ -110,8 +116,7 @@ class StreamRuns:
         self.net = net or GraphIndex.build(model.proto.graph)
         self.provider = resolve_provider(provider)
         self.providers = execution_providers(self.provider)
-        if self.provider == "cuda":
-            share_cuda_arena()
+        self.shared_arena = self.provider == "cuda" and share_cuda_arena()
         extra = {s.residual_node: s.residual_ports for s in find_stream(model.proto, self.net).sublayers}
         self.plan: SegmentPlan = plan_segments(self.net, {s.residual_node: s.residual_ports for s in sites}, targets, extra)
         self.sites = {s.residual_node for s in sites}
@@ -140,17 +145,17 @@ class StreamRuns:
         import onnxruntime as ort
         from tqdm import tqdm
         base = _Live(BASE, 0, self.base_last, RUNS)
-        base.state = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0) for n, v in self.feeds.items()
-                      if n in self.net.inputs}
+        feeds = {n: np.ascontiguousarray(v) for n, v in self.feeds.items() if n in self.net.inputs}
         self.lives, self.finished, self.retained, self.per_segment = [base], [], {}, []
-        self.ahead, self.static = {}, {}
+        self.ahead, self.static = {}, {n: helper.np_dtype_to_tensor_dtype(v.dtype) for n, v in feeds.items()}
         wanted = [src for s in self.streams for src in (s.a, s.x) if isinstance(src, Source)]
         opener = futures.ThreadPoolExecutor(1, thread_name_prefix="onnxruntime-open")
         try:
             with tqdm(total=self.base_last + 1, desc=self.desc, unit="segment", disable=None if self.progress else True,
                       leave=False) as bar:
-                self._open_ahead(opener, 0, base)
-                self.static = inferred_types(self.model.proto)      # while segment 0 opens
+                self._open_ahead(opener, 0, base)           # typed by the feeds; while it opens (CUDA starts there):
+                base.state = {n: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for n, v in feeds.items()}
+                self.static = {**inferred_types(self.model.proto), **self.static}
                 for k in range(self.base_last + 1):
                     for spec in self.streams:
                         if self.first[spec.label] == k:
@@ -244,7 +249,10 @@ class StreamRuns:
         for t in segment.outputs:
             binding.bind_output(t, self.device, 0)
         run_session(session, None, None, binding=binding)
-        live.state.update(zip(segment.outputs, self.reduce.own(binding.get_outputs())))
+        values = binding.get_outputs()
+        if not (self.shared_arena and self.device == "cuda") or sum(v.tensor_size_in_bytes() for v in values) >= COPY_BYTES:
+            values = self.reduce.own(values)
+        live.state.update(zip(segment.outputs, values))
         seconds = time.perf_counter() - start
         live.runs["seconds"] += seconds
         self.per_segment[-1]["runs"] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import mmap
 import os
 import shutil
 import stat
@@ -29,6 +30,7 @@ from passes.support.outputs import Staging
 PROTOBUF_LIMIT = 1_800_000_000     # write external data above this many bytes of tensors (protobuf caps at 2 GiB)
 INLINE_BYTES = 1024                # tensors smaller than this stay inside the protobuf
 ALIGN = 4096                       # external tensors start on page boundaries, so onnxruntime can mmap them
+_PAGE = mmap.ALLOCATIONGRANULARITY    # onnxruntime maps external data only at offsets of this
 CHUNK_BYTES = 64 << 20             # rows per chunk when tensors are produced piecewise
 PROGRESS_BYTES = 256 << 20         # writing more than this shows a progress bar (on a terminal)
 
@@ -72,17 +74,21 @@ class ModelOutput:
 
 # ---------------------------------------------------------------- loading
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, *, weights_in_place: bool = False) -> LoadedModel:
     """The graph of an ONNX file, weights left on disk; bad files, and external data that `external_ref` refuses
     for any tensor of the model, are a UserError (so nothing downstream, onnxruntime or TensorRT included, ever
-    reads a file outside the model's folder)."""
+    reads a file outside the model's folder).
+
+    weights_in_place=True, for tools that only read the model: inline initializers of LIFT_BYTES or more are not
+    read either but become external data in the model file itself, at their offset (`_inline_in_place`); a
+    model written from such a proto would carry external data, so tools that write models leave it False."""
     path = Path(path)
     if not path.exists():
         fail(f"{path}: no such file")
     if not path.is_file():
         fail(f"{path}: not a file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = (weights_in_place and _inline_in_place(path)) or onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         fail(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'})")
     if not proto.graph.node:
@@ -94,6 +100,104 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         if _is_external(tensor):
             external_ref(tensor, model.base_dir, f"{path}: {where}")
     return model
+
+
+# protobuf: wire type of length-delimited fields; field numbers of ModelProto.graph, GraphProto.initializer,
+# TensorProto.raw_data, and of the TensorProto fields that, present, leave a tensor inline (typed data, external
+# data, data location)
+_LEN, _GRAPH, _INITIALIZER, _RAW_DATA = 2, 7, 5, 9
+_KEEP_INLINE = {4, 5, 6, 7, 10, 11, 13, 14}
+
+
+def _inline_in_place(path: Path) -> onnx.ModelProto | None:
+    """The model at `path` parsed without the raw_data of its main graph's initializers of LIFT_BYTES or more,
+    each of which becomes external data in `path` itself (location its file name, offset where its bytes lie);
+    everything else parses as onnx.load parses it. None (the caller parses the file whole) where the file is a
+    symbolic link, cannot be mapped or is not well-formed protobuf (onnx.load then says so), or no tensor qualifies.
+
+    Parsing the 510 MB inline SmolLM2 took 0.7 s of its 3.7 s analysis on an H200; its sessions now read each
+    segment's weights from the page cache, on the thread that opens them."""
+    if os.path.islink(path) or sys.byteorder != "little":
+        return None
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            model_rest, graph_rest, initializers = [], [], []
+            for number, wire, start, payload, end in _wire_fields(data, 0, len(data)):
+                if number != _GRAPH or wire != _LEN:
+                    model_rest.append(data[start:end])
+                    continue
+                for n, w, s, p, e in _wire_fields(data, payload, end):
+                    if n == _INITIALIZER and w == _LEN:
+                        initializers.append(_tensor_in_place(data, p, e, path.name))
+                    else:
+                        graph_rest.append(data[s:e])
+        proto = onnx.ModelProto.FromString(b"".join(model_rest))
+        proto.graph.MergeFromString(b"".join(graph_rest))
+    except Exception:      # ValueError / IndexError from the scan, protobuf's DecodeError, an unmappable file
+        return None
+    if not any(_is_external(t) and t.external_data[0].value == path.name for t in initializers):
+        return None
+    proto.graph.initializer.extend(initializers)
+    return proto
+
+
+def _tensor_in_place(data, start: int, end: int, location: str) -> TensorProto:
+    """The TensorProto serialized at data[start:end]: one of LIFT_BYTES or more held as raw_data (and nothing
+    else that holds or places its values) without its bytes, as external data at `location` where they lie."""
+    fields = list(_wire_fields(data, start, end))
+    raw = [(p, e) for n, w, _, p, e in fields if n == _RAW_DATA and w == _LEN]
+    if not raw or any(n in _KEEP_INLINE for n, *_ in fields) or raw[-1][1] - raw[-1][0] < LIFT_BYTES:
+        return TensorProto.FromString(data[start:end])
+    tensor = TensorProto.FromString(b"".join(data[s:e] for n, w, s, _, e in fields if (n, w) != (_RAW_DATA, _LEN)))
+    offset, stop = raw[-1]                    # the last raw_data is the one protobuf keeps
+    try:
+        sized = tensor.data_type not in (TensorProto.STRING, *_PACKED) and tensor_nbytes(tensor) == stop - offset
+    except (KeyError, TypeError, ValueError):  # not a type onnx knows
+        sized = False
+    if not sized:                             # left to the checks that inline tensors get
+        return TensorProto.FromString(data[start:end])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(stop - offset))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _wire_fields(data, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start of the field, start of its payload, end of the field) of each field of the
+    protobuf message serialized at data[start:end]; ValueError where it is not well-formed (groups included)."""
+    pos = start
+    while pos < end:
+        field_start = pos
+        tag, pos = _varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        payload = pos
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == _LEN:
+            length, payload = _varint(data, pos)
+            pos = payload + length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if number == 0 or pos > end:
+            raise ValueError("truncated or corrupt")
+        yield number, wire, field_start, payload, pos
+
+
+def _varint(data, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("varint too long")
 
 
 def all_tensors(model: onnx.ModelProto):
@@ -432,19 +536,27 @@ def execution_providers(provider: str | None) -> list:
     return ["CPUExecutionProvider"]
 
 
-# inline tensors this big reach a session over their own bytes (an OrtValue each), not copied into its protobuf:
-# the prologue segment of the real SmolLM2 (121 MB of inline weights) was made and opened in 0.17 s, not 0.92 s
+# weights this big reach a session over their own bytes (an OrtValue each), not copied into its protobuf nor
+# read by onnxruntime into a buffer of its own: inline ones (the prologue segment of the real SmolLM2, 121 MB of
+# inline weights, was made and opened in 0.17 s, not 0.92 s) and external ones that onnxruntime could not map
+# because their offset is not a multiple of the page size (a model loaded with its weights in place)
 LIFT_BYTES = 1 << 20
-LIFTED = "lifted-inline-tensor"      # the external-data location of their placeholders (never a file)
+LIFTED = "lifted-tensor"      # the external-data location of their placeholders (never a file)
 _STORAGE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}     # itemsize -> dtype the bytes are viewed as
 _PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, n)}
 
 
 def placeholder(tensor: TensorProto) -> TensorProto:
-    """`tensor` itself, or for an inline tensor of at least LIFT_BYTES held as raw_data, a placeholder of its name,
-    type and shape (external data at LIFTED) that ort_session fills from its `weights` (no protobuf copy)."""
-    if (_is_external(tensor) or not tensor.HasField("raw_data") or sys.byteorder != "little"
-            or tensor.data_type in (TensorProto.STRING, *_PACKED)):
+    """`tensor` itself, or for a tensor of at least LIFT_BYTES held as raw_data or as external data at an offset
+    that is not a multiple of the page size, a placeholder of its name, type and shape (external data at LIFTED)
+    that ort_session fills from its `weights` (no protobuf copy, no read into a buffer)."""
+    if _is_external(tensor):
+        offset = {e.key: e.value for e in tensor.external_data}.get("offset", "0")
+        if not offset.isdigit() or int(offset) % _PAGE == 0:
+            return tensor
+    elif not tensor.HasField("raw_data"):
+        return tensor
+    if sys.byteorder != "little" or tensor.data_type in (TensorProto.STRING, *_PACKED):
         return tensor
     try:
         itemsize = np_dtype(tensor.data_type).itemsize
@@ -465,14 +577,20 @@ def _lifted_names(model: onnx.ModelProto) -> list[str]:
             if _is_external(t) and any(e.key == "location" and e.value == LIFTED for e in t.external_data)]
 
 
-def _over_bytes(tensor: TensorProto):
-    """An OrtValue over the raw_data of an inline tensor (its element type and shape)."""
+def _over_bytes(tensor: TensorProto, base_dir: Path | None):
+    """An OrtValue over the bytes of a tensor (its element type and shape): an inline tensor's raw_data, an
+    external one's memory-mapped file (external_ref checks it)."""
     import onnxruntime as ort
-    raw = tensor.raw_data
-    if len(raw) != tensor_nbytes(tensor):
-        fail(f"initializer '{tensor.name}' holds {len(raw)} bytes; its shape {list(tensor.dims)} and type "
-             f"{TensorProto.DataType.Name(tensor.data_type)} need {tensor_nbytes(tensor)}")
-    array = np.frombuffer(raw, _STORAGE[np_dtype(tensor.data_type).itemsize]).reshape(tuple(tensor.dims))
+    storage = _STORAGE[np_dtype(tensor.data_type).itemsize]
+    if _is_external(tensor):
+        ref = external_ref(tensor, base_dir)
+        array = np.memmap(ref.path, dtype=storage, mode="r", offset=ref.offset, shape=tuple(tensor.dims))
+    else:
+        raw = tensor.raw_data
+        if len(raw) != tensor_nbytes(tensor):
+            fail(f"initializer '{tensor.name}' holds {len(raw)} bytes; its shape {list(tensor.dims)} and type "
+                 f"{TensorProto.DataType.Name(tensor.data_type)} need {tensor_nbytes(tensor)}")
+        array = np.frombuffer(raw, storage).reshape(tuple(tensor.dims))
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, tensor.data_type)
 
 
@@ -523,9 +641,9 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
         options.add_session_config_entry("session.disable_prepacking", "1")
     lifted = []
     if isinstance(model, onnx.ModelProto):
-        names = [n for n in _lifted_names(model) if n in (weights or {}) and not _is_external(weights[n])]
+        names = [n for n in _lifted_names(model) if n in (weights or {})]
         if names:
-            lifted = [_over_bytes(weights[name]) for name in names]
+            lifted = [_over_bytes(weights[name], base_dir) for name in names]
             options.add_external_initializers(names, lifted)
         if base_dir is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
