@@ -102,7 +102,7 @@ def test_how_sessions_open_changes_no_number(lm, monkeypatch):
     monkeypatch.setattr(onnx_io, "LIFT_BYTES", 0)
     lifted = []
     real = onnx_io._over_bytes
-    monkeypatch.setattr(onnx_io, "_over_bytes", lambda t, base_dir: lifted.append(t.name) or real(t, base_dir))
+    monkeypatch.setattr(onnx_io, "_over_bytes", lambda t, *where: lifted.append(t.name) or real(t, *where))
     same(run())
     assert len(set(lifted)) == sum(1 for t in lm["model"].proto.graph.initializer if t.HasField("raw_data"))
 
@@ -129,9 +129,11 @@ def test_inferred_types_ignore_stale_value_info(lm):
     assert all(o in types for n in proto.graph.node for o in n.output if o)
 
 
-def test_lifted_weight_placeholder():
-    """placeholder(): a big inline tensor becomes a typed, shaped external reference that no file backs, and
-    ort_session fills it from the tensor's own bytes: x @ W as numpy computes it; small and external ones stay."""
+def test_lifted_weight_placeholder(tmp_path):
+    """placeholder(): a big inline tensor, or an external one at an offset onnxruntime cannot map (not a page
+    multiple; here not even a multiple of 4), becomes a typed, shaped external reference that no file backs, and
+    ort_session fills it from the tensor's own bytes: x @ W as numpy computes it; small ones and external ones at
+    page offsets stay."""
     from onnx import TensorProto, helper, numpy_helper
 
     from passes.support.onnx_io import LIFT_BYTES, LIFTED, ort_session, placeholder
@@ -150,6 +152,20 @@ def test_lifted_weight_placeholder():
     x = rng.standard_normal((3, 512)).astype(np.float32)
     got = ort_session(model, weights={"W": big}).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-4, atol=1e-4)
+    data = tmp_path / "w.bin"
+    aligned = -(-(4097 + w.nbytes) // 4096) * 4096
+    data.write_bytes(b"\0" * 4097 + w.tobytes() + b"\0" * (aligned - 4097 - w.nbytes) + w.tobytes())
+    external = {}
+    for offset in (4097, aligned):
+        tensor = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=w.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "w.bin"), ("offset", str(offset)), ("length", str(w.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        external[offset % 4096 == 0] = tensor
+    assert placeholder(external[True]) is external[True]
+    assert placeholder(external[False]) == lifted
+    got = ort_session(model, weights={"W": external[False]}, base_dir=tmp_path).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ort_session(model, weights={"W": big}).run(None, {"x": x})[0])
     short = TensorProto()
     short.CopyFrom(big)
     short.raw_data = short.raw_data[:-4]
@@ -191,9 +207,10 @@ def test_weights_in_place(lm, monkeypatch):
 
 
 def test_weights_in_place_leaves_odd_files_to_the_whole_parse(lm, tmp_path, monkeypatch):
-    """Nothing moves, and load_model says what it always says, for a truncated file, a symbolic link, a
-    tensor whose raw_data does not fill its shape (left inline for the checks inline tensors get) and one
-    that also holds float_data; a model without big tensors parses whole."""
+    """Nothing moves, and load_model says what it always says, for a truncated file, a symbolic link, a binary
+    model named as JSON, tensors whose raw_data does not fill their shape or that have a negative dimension (left
+    inline for the checks inline tensors get), one that also holds float_data and a segmented one; a model
+    without big tensors parses as onnx.load parses it."""
     from onnx import TensorProto, helper, numpy_helper
 
     from passes.support import onnx_io
@@ -212,16 +229,27 @@ def test_weights_in_place_leaves_odd_files_to_the_whole_parse(lm, tmp_path, monk
     short.raw_data = short.raw_data[:-4]
     both = numpy_helper.from_array(w, "both")
     both.float_data.extend([1.0])
+    negative = numpy_helper.from_array(w, "negative")
+    negative.dims[:] = [-8, -8]
+    segmented = numpy_helper.from_array(w, "segmented")
+    segmented.segment.begin, segmented.segment.end = 0, 64
     good = numpy_helper.from_array(w, "good")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", n], [f"y_{n}"]) for n in ("short", "both", "good")], "g",
+    odd = [short, both, negative, segmented]
+    names = [t.name for t in odd] + ["good"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", n], [f"y_{n}"]) for n in names], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, None) for n in ("short", "both", "good")],
-                              [short, both, good])
+                              [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, None) for n in names],
+                              [*odd, good])
     path = tmp_path / "odd.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     loaded = {t.name: t for t in load_model(path, weights_in_place=True).proto.graph.initializer}
-    assert loaded["short"] == short and loaded["both"] == both
+    assert all(loaded[t.name] == t for t in odd)
     assert onnx_io._is_external(loaded["good"])
+    named_json = tmp_path / "odd.json"
+    named_json.write_bytes(path.read_bytes())
+    for flag in (False, True):
+        with pytest.raises(UserError, match="not a readable ONNX model"):
+            load_model(named_json, weights_in_place=flag)
     np.testing.assert_array_equal(onnx_io.tensor_array(loaded["good"], tmp_path), w)
     monkeypatch.setattr(onnx_io, "LIFT_BYTES", 1 << 20)
     assert load_model(path, weights_in_place=True).proto == load_model(path).proto

@@ -19,7 +19,7 @@ out of where its session put them (Reductions.own, one run for all) where that s
 (values in host memory; a GPU where no shared arena could be registered: a value left there keeps the closed
 session's whole arena), and in the shared arena when they come to COPY_BYTES or more: left in place they pin
 holes between the run's freed activations (10 Super-49B layers, 16 GB: peak 7.9 GB with the copies, 11.3 GB
-without; 40 layers 20.6 GB against 23.1 GB), while smaller ones cost only the copy's run (SmolLM2's 578 runs,
+without; 40 layers 21.6 GB against 23.1 GB), while smaller ones cost only the copy's run (SmolLM2's 578 runs,
 2.4 MB each value: 0.2 s of a 2.7 s analysis on an H200). bfloat16 models
 need the CUDA provider: onnxruntime's CPU kernels do not run bf16, which open_session reports in one line
 before any number is made.

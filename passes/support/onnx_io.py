@@ -106,18 +106,21 @@ def load_model(path: str | os.PathLike, *, weights_in_place: bool = False) -> Lo
 # TensorProto.raw_data, and of the TensorProto fields that, present, leave a tensor inline (typed data, external
 # data, data location)
 _LEN, _GRAPH, _INITIALIZER, _RAW_DATA = 2, 7, 5, 9
-_KEEP_INLINE = {4, 5, 6, 7, 10, 11, 13, 14}
+_KEEP_INLINE = {3, 4, 5, 6, 7, 10, 11, 13, 14}      # segment, typed data, external data, data location
 
 
 def _inline_in_place(path: Path) -> onnx.ModelProto | None:
     """The model at `path` parsed without the raw_data of its main graph's initializers of LIFT_BYTES or more,
     each of which becomes external data in `path` itself (location its file name, offset where its bytes lie);
     everything else parses as onnx.load parses it. None (the caller parses the file whole) where the file is a
-    symbolic link, cannot be mapped or is not well-formed protobuf (onnx.load then says so), or no tensor qualifies.
+    symbolic link, named as a text format (.json, .txtpb, ...), cannot be mapped or is not well-formed protobuf
+    (onnx.load then says so).
 
     Parsing the 510 MB inline SmolLM2 took 0.7 s of its 3.7 s analysis on an H200; its sessions now read each
     segment's weights from the page cache, on the thread that opens them."""
-    if os.path.islink(path) or sys.byteorder != "little":
+    from onnx.serialization import registry
+    if (os.path.islink(path) or sys.byteorder != "little"
+            or registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf")):
         return None
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -135,8 +138,6 @@ def _inline_in_place(path: Path) -> onnx.ModelProto | None:
         proto.graph.MergeFromString(b"".join(graph_rest))
     except Exception:      # ValueError / IndexError from the scan, protobuf's DecodeError, an unmappable file
         return None
-    if not any(_is_external(t) and t.external_data[0].value == path.name for t in initializers):
-        return None
     proto.graph.initializer.extend(initializers)
     return proto
 
@@ -144,14 +145,23 @@ def _inline_in_place(path: Path) -> onnx.ModelProto | None:
 def _tensor_in_place(data, start: int, end: int, location: str) -> TensorProto:
     """The TensorProto serialized at data[start:end]: one of LIFT_BYTES or more held as raw_data (and nothing
     else that holds or places its values) without its bytes, as external data at `location` where they lie."""
-    fields = list(_wire_fields(data, start, end))
+    if end - start < LIFT_BYTES:
+        return TensorProto.FromString(data[start:end])
+    fields = []
+    for field in _wire_fields(data, start, end):
+        if field[0] in _KEEP_INLINE:
+            return TensorProto.FromString(data[start:end])
+        fields.append(field)
     raw = [(p, e) for n, w, _, p, e in fields if n == _RAW_DATA and w == _LEN]
-    if not raw or any(n in _KEEP_INLINE for n, *_ in fields) or raw[-1][1] - raw[-1][0] < LIFT_BYTES:
+    if not raw or raw[-1][1] - raw[-1][0] < LIFT_BYTES:
         return TensorProto.FromString(data[start:end])
     tensor = TensorProto.FromString(b"".join(data[s:e] for n, w, s, _, e in fields if (n, w) != (_RAW_DATA, _LEN)))
     offset, stop = raw[-1]                    # the last raw_data is the one protobuf keeps
     try:
-        sized = tensor.data_type not in (TensorProto.STRING, *_PACKED) and tensor_nbytes(tensor) == stop - offset
+        size = np_dtype(tensor.data_type).itemsize
+        for d in tensor.dims:                 # Python integers: no overflow, and no negative dimension
+            size = size * d if d >= 0 else -1
+        sized = tensor.data_type not in (TensorProto.STRING, *_PACKED) and size == stop - offset
     except (KeyError, TypeError, ValueError):  # not a type onnx knows
         sized = False
     if not sized:                             # left to the checks that inline tensors get
@@ -577,14 +587,18 @@ def _lifted_names(model: onnx.ModelProto) -> list[str]:
             if _is_external(t) and any(e.key == "location" and e.value == LIFTED for e in t.external_data)]
 
 
-def _over_bytes(tensor: TensorProto, base_dir: Path | None):
+def _over_bytes(tensor: TensorProto, base_dir: Path | None, host: bool):
     """An OrtValue over the bytes of a tensor (its element type and shape): an inline tensor's raw_data, an
-    external one's memory-mapped file (external_ref checks it)."""
+    external one's memory-mapped file (external_ref checks it). host: the session computes on them where they
+    lie (no CUDA provider to copy them to), so a map at an offset that does not align its elements (a tensor
+    in place in a protobuf) is copied to memory that does."""
     import onnxruntime as ort
     storage = _STORAGE[np_dtype(tensor.data_type).itemsize]
     if _is_external(tensor):
         ref = external_ref(tensor, base_dir)
         array = np.memmap(ref.path, dtype=storage, mode="r", offset=ref.offset, shape=tuple(tensor.dims))
+        if host and not array.flags.aligned:
+            array = np.array(array)
     else:
         raw = tensor.raw_data
         if len(raw) != tensor_nbytes(tensor):
@@ -643,7 +657,8 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
     if isinstance(model, onnx.ModelProto):
         names = [n for n in _lifted_names(model) if n in (weights or {})]
         if names:
-            lifted = [_over_bytes(weights[name], base_dir) for name in names]
+            host = "CUDAExecutionProvider" not in {p[0] if isinstance(p, tuple) else p for p in providers or ()}
+            lifted = [_over_bytes(weights[name], base_dir, host) for name in names]
             options.add_external_initializers(names, lifted)
         if base_dir is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
