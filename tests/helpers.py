@@ -1,4 +1,5 @@
-"""Small helpers every test module may use: a relative error, seeded token ids, an onnxruntime CPU session."""
+"""Small helpers every test module may use: a relative error, seeded token ids, an onnxruntime CPU session, the
+check that a model loaded with its weights in place is the model onnx.load gives."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,3 +25,19 @@ def session(path: Path):
     """An onnxruntime CPU session over a model file."""
     import onnxruntime as ort
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def assert_parsed_alike(whole, in_place) -> None:
+    """Two LoadedModels of one file (load_model, load_model(weights_in_place=True)): every initializer's name and
+    values alike (whether inline or in place), and everything but the initializers identical."""
+    import onnx
+
+    from passes.support.onnx_io import tensor_array
+    for a, b in zip(whole.proto.graph.initializer, in_place.proto.graph.initializer, strict=True):
+        assert a.name == b.name and a.dims == b.dims and a.data_type == b.data_type
+        np.testing.assert_array_equal(tensor_array(b, in_place.base_dir), tensor_array(a, whole.base_dir))
+    rest = [onnx.ModelProto(), onnx.ModelProto()]
+    for proto, model in zip(rest, (whole, in_place)):
+        proto.CopyFrom(model.proto)
+        del proto.graph.initializer[:]
+    assert rest[0] == rest[1]

@@ -23,6 +23,7 @@ from passes.fuse import main as fuse_main
 from passes.support.calibration import calibration_for
 from passes.support.onnx_io import load_model, ort_session
 from tests.foreign_models import LAYERS, VOCAB
+from tests.helpers import assert_parsed_alike
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(7).integers(0, VOCAB, (2, 12)).astype(np.int64)
@@ -120,6 +121,24 @@ def test_rank_on_genai_graph(foreign, tmp_path):
     assert sorted(r["layer"] for r in data["ranking"]) == list(range(LAYERS))
     assert all(r["kl_removed_alone"] > 0 for r in data["ranking"])
     assert data["cost"]["forward_pass_equivalents"] < 1 + LAYERS
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_weights_in_place_on_foreign_graphs(foreign, form, tmp_path, monkeypatch):
+    """passes.analyze's loader (weights_in_place, LIFT_BYTES 4 KiB so the tiny model's weight matrices move) on
+    every form: each initializer's values, and the rest of the graph, as onnx.load gives them; the analysis's
+    metrics and M bit-identical to those over the whole parse."""
+    from passes.measure.metrics import compute_metrics
+    from passes.support import onnx_io
+    monkeypatch.setattr(onnx_io, "LIFT_BYTES", 4096)
+    _, paths = foreign
+    whole, in_place = load_model(paths[form]), load_model(paths[form], weights_in_place=True)
+    big = [t.name for t in whole.proto.graph.initializer if len(t.raw_data) >= 4096]
+    assert [t.name for t in in_place.proto.graph.initializer if t.name in big and onnx_io._is_external(t)] == big
+    assert_parsed_alike(whole, in_place)
+    feeds = calibration_for(whole, str(_ids_file(tmp_path))).feeds
+    want, got = (compute_metrics(m, feeds, progress=False) for m in (whole, in_place))
+    assert got.dependency == want.dependency and got.cosdist_io == want.cosdist_io and got.ratio == want.ratio
 
 
 @pytest.mark.parametrize("form", ["dynamo", "genai"])

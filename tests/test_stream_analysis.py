@@ -25,6 +25,7 @@ from passes.measure.segments import plan_segments
 from passes.support.errors import UserError
 from passes.support.graph import GraphIndex
 from passes.support.onnx_io import load_model
+from tests.helpers import assert_parsed_alike
 from tests.residual_models import TinyLM, export_lm
 from tests.test_foreign_forms import quiet
 
@@ -179,26 +180,18 @@ def test_weights_in_place(lm, monkeypatch):
     the analysis over it (each weight handed to onnxruntime through a memory map at that offset) gives the
     numbers of the whole parse to the last bit."""
     from passes.support import onnx_io
-    from passes.support.onnx_io import tensor_array
     monkeypatch.setattr(onnx_io, "LIFT_BYTES", 0)
     whole = lm["model"]
     in_place = load_model(lm["path"], weights_in_place=True)
     raw = [t.name for t in whole.proto.graph.initializer if t.HasField("raw_data")]
     moved = [t for t in in_place.proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert raw and [t.name for t in moved] == raw and in_place.external_files == {lm["path"].resolve()}
-    data = lm["path"].read_bytes()
-    for a, b in zip(whole.proto.graph.initializer, in_place.proto.graph.initializer):
-        assert a.name == b.name and a.dims == b.dims and a.data_type == b.data_type
-        np.testing.assert_array_equal(tensor_array(b, in_place.base_dir), tensor_array(a, whole.base_dir))
-        if b in moved:
-            where = {e.key: e.value for e in b.external_data}
-            assert where["location"] == lm["path"].name
-            assert data[int(where["offset"]):int(where["offset"]) + int(where["length"])] == a.raw_data
-    rest = [onnx.ModelProto(), onnx.ModelProto()]
-    for proto, model in zip(rest, (whole, in_place)):
-        proto.CopyFrom(model.proto)
-        del proto.graph.initializer[:]
-    assert rest[0] == rest[1]
+    assert_parsed_alike(whole, in_place)
+    data, raw = lm["path"].read_bytes(), {t.name: t.raw_data for t in whole.proto.graph.initializer}
+    for tensor in moved:
+        where = {e.key: e.value for e in tensor.external_data}
+        assert where["location"] == lm["path"].name
+        assert data[int(where["offset"]):int(where["offset"]) + int(where["length"])] == raw[tensor.name]
     got = compute_metrics(in_place, {"input_ids": lm["ids"]}, predict=4, progress=False, probe_tokens=64)
     want = lm["segments"]
     np.testing.assert_array_equal(matrix(got), matrix(want))

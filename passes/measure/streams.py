@@ -45,8 +45,7 @@ from passes.measure.runs import RUNS, Cost, Removable, open_session, weight_byte
 from passes.measure.segments import A_SLOT, X_SLOT, SegmentPlan, inferred_types, plan_segments, segment_model
 from passes.support.graph import GraphIndex
 from passes.support.graph_inputs import ort_type_to_onnx
-from passes.support.onnx_io import (SHARED_ARENA, LoadedModel, execution_providers, resolve_provider, run_session,
-                                    share_cuda_arena)
+from passes.support.onnx_io import SHARED_ARENA, LoadedModel, execution_providers, resolve_provider, run_session, share_cuda_arena
 
 BASE = "base"
 ZERO = "zeros"

@@ -23,8 +23,9 @@ from typing import Callable, Iterator
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.serialization import registry
 
-from passes.support.errors import fail
+from passes.support.errors import UserError, fail
 from passes.support.outputs import Staging
 
 PROTOBUF_LIMIT = 1_800_000_000     # write external data above this many bytes of tensors (protobuf caps at 2 GiB)
@@ -118,7 +119,6 @@ def _inline_in_place(path: Path) -> onnx.ModelProto | None:
 
     Parsing the 510 MB inline SmolLM2 took 0.7 s of its 3.7 s analysis on an H200; its sessions now read each
     segment's weights from the page cache, on the thread that opens them."""
-    from onnx.serialization import registry
     if (os.path.islink(path) or sys.byteorder != "little"
             or registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf")):
         return None
@@ -148,21 +148,18 @@ def _tensor_in_place(data, start: int, end: int, location: str) -> TensorProto:
     if end - start < LIFT_BYTES:
         return TensorProto.FromString(data[start:end])
     fields = []
-    for field in _wire_fields(data, start, end):
-        if field[0] in _KEEP_INLINE:
+    for wire_field in _wire_fields(data, start, end):
+        if wire_field[0] in _KEEP_INLINE:
             return TensorProto.FromString(data[start:end])
-        fields.append(field)
+        fields.append(wire_field)
     raw = [(p, e) for n, w, _, p, e in fields if n == _RAW_DATA and w == _LEN]
     if not raw or raw[-1][1] - raw[-1][0] < LIFT_BYTES:
         return TensorProto.FromString(data[start:end])
     tensor = TensorProto.FromString(b"".join(data[s:e] for n, w, s, _, e in fields if (n, w) != (_RAW_DATA, _LEN)))
     offset, stop = raw[-1]                    # the last raw_data is the one protobuf keeps
-    try:
-        size = np_dtype(tensor.data_type).itemsize
-        for d in tensor.dims:                 # Python integers: no overflow, and no negative dimension
-            size = size * d if d >= 0 else -1
-        sized = tensor.data_type not in (TensorProto.STRING, *_PACKED) and size == stop - offset
-    except (KeyError, TypeError, ValueError):  # not a type onnx knows
+    try:                                      # the size external_ref will hold it to (no negative dimension)
+        sized = tensor.data_type not in _PACKED and _expected_bytes(tensor, tensor.name) == stop - offset
+    except UserError:                         # a type without a fixed element size
         sized = False
     if not sized:                             # left to the checks that inline tensors get
         return TensorProto.FromString(data[start:end])
@@ -654,11 +651,11 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
     lifted = []
+    wanted = {p[0] if isinstance(p, tuple) else p for p in providers or ()}
     if isinstance(model, onnx.ModelProto):
         names = [n for n in _lifted_names(model) if n in (weights or {})]
         if names:
-            host = "CUDAExecutionProvider" not in {p[0] if isinstance(p, tuple) else p for p in providers or ()}
-            lifted = [_over_bytes(weights[name], base_dir, host) for name in names]
+            lifted = [_over_bytes(weights[name], base_dir, "CUDAExecutionProvider" not in wanted) for name in names]
             options.add_external_initializers(names, lifted)
         if base_dir is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
@@ -667,7 +664,6 @@ def ort_session(model: Path | onnx.ModelProto, light: bool = False, providers: l
         model = str(model)
     session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
     session.lifted_weights = lifted       # onnxruntime's API asks that they outlive the session
-    wanted = {p[0] if isinstance(p, tuple) else p for p in providers or ()}
     if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in session.get_providers():
         fail("onnxruntime could not start its CUDA execution provider (are the CUDA and cuDNN versions this "
              "onnxruntime-gpu was built for installed? "
