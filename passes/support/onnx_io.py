@@ -586,14 +586,13 @@ def _lifted_names(model: onnx.ModelProto) -> list[str]:
 
 def _over_bytes(tensor: TensorProto, base_dir: Path | None, host: bool):
     """An OrtValue over the bytes of a tensor (its element type and shape): an inline tensor's raw_data, an
-    external one's memory-mapped file (external_ref checks it). host: the session computes on them where they
+    external one's memory-mapped file (tensor_array). host: the session computes on them where they
     lie (no CUDA provider to copy them to), so a map at an offset that does not align its elements (a tensor
     in place in a protobuf) is copied to memory that does."""
     import onnxruntime as ort
     storage = _STORAGE[np_dtype(tensor.data_type).itemsize]
     if _is_external(tensor):
-        ref = external_ref(tensor, base_dir)
-        array = np.memmap(ref.path, dtype=storage, mode="r", offset=ref.offset, shape=tuple(tensor.dims))
+        array = tensor_array(tensor, base_dir).view(storage)
         if host and not array.flags.aligned:
             array = np.array(array)
     else:
