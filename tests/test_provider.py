@@ -74,16 +74,22 @@ def test_onnxruntime_threads_follow_a_taskset_confinement():
     assert (free == "None") == unconfined and confined == "1"
 
 
-def test_every_run_goes_through_one_runner_thread(lm):
+def test_every_run_goes_through_one_runner_thread(lm, monkeypatch):
     """Runs, with feeds or an IOBinding, return what session.run returns, on one long-lived thread (not one per
-    run), and an error in a run reaches the caller."""
+    run), and an error in a run reaches the caller; a session whose last run took under QUICK_SECONDS runs on the
+    calling thread instead (the same results), one whose last run took longer on the runner thread again."""
     import threading
 
+    from passes.support import onnx_io
     from passes.support.onnx_io import ort_session, run_session
     path, ids = lm
     session = ort_session(path)
     feeds = {"input_ids": np.load(ids)["input_ids"]}
     names = [o.name for o in session.get_outputs()]
+    ran_on = []
+    real_run = session.run
+    session.run = lambda *args: ran_on.append(threading.current_thread().name) or real_run(*args)
+    monkeypatch.setattr(onnx_io, "QUICK_SECONDS", 0.0)           # every run counts as long
     first = run_session(session, names, feeds)
     binding = session.io_binding()
     binding.bind_cpu_input("input_ids", feeds["input_ids"])
@@ -95,9 +101,16 @@ def test_every_run_goes_through_one_runner_thread(lm):
     with pytest.raises(Exception, match="Unexpected input data type"):
         run_session(session, names, {"input_ids": feeds["input_ids"].astype(np.float32)})
     assert len(threads) == 1 and threads == {t.ident for t in threading.enumerate() if t.name.startswith("onnxruntime-run")}
-    for a, b, c in zip(first, again, session.run(names, feeds)):
-        np.testing.assert_array_equal(a, c)
-        np.testing.assert_array_equal(b, c)
+    monkeypatch.setattr(onnx_io, "QUICK_SECONDS", 60.0)          # every run counts as quick: the calling thread
+    quick = run_session(session, names, feeds)
+    monkeypatch.setattr(onnx_io, "QUICK_SECONDS", 0.0)
+    run_session(session, names, feeds)
+    assert [name.split("_")[0] for name in ran_on] == ["onnxruntime-run", "onnxruntime-run", threading.current_thread().name,
+                                                       "onnxruntime-run"]
+    for a, b, c, d in zip(first, again, quick, real_run(names, feeds)):
+        np.testing.assert_array_equal(a, d)
+        np.testing.assert_array_equal(b, d)
+        np.testing.assert_array_equal(c, d)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="an onnxruntime without the CUDA provider")

@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -604,6 +605,7 @@ def _over_bytes(tensor: TensorProto, base_dir: Path | None, host: bool):
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, tensor.data_type)
 
 
+QUICK_SECONDS = 0.02       # runs that took less run on the calling thread (run_session)
 SHARED_ARENA = {"session.use_env_allocators": "1"}     # session configuration: take memory from the shared arena
 
 
@@ -674,22 +676,31 @@ def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_v
     """session.run (or run_with_ort_values, or with `binding`, an IOBinding whose inputs and outputs are bound,
     run_with_iobinding: then outputs and feeds are unused and the results are the binding's) in the runner thread,
     so that SIGINT / SIGTERM stop even a long run within a moment: the main thread waits, and on an interrupt
-    sets RunOptions.terminate, which onnxruntime checks between nodes, then re-raises."""
+    sets RunOptions.terminate, which onnxruntime checks between nodes, then re-raises. A session whose last run
+    took under QUICK_SECONDS runs on the calling thread instead: an interrupt then waits for the run's end, a few
+    milliseconds, and the handoff between threads (0.1 to 0.2 ms a run, the time of a whole run of a small
+    segment or reduction on a GPU) is saved."""
     import onnxruntime as ort
     options = ort.RunOptions()
-    runner = _runner(os.getpid())
     if binding is not None:
-        done = runner.submit(session.run_with_iobinding, binding, options)
+        call, args = session.run_with_iobinding, (binding, options)
     else:
-        done = runner.submit(session.run_with_ort_values if ort_values else session.run, outputs, feeds, options)
+        call, args = session.run_with_ort_values if ort_values else session.run, (outputs, feeds, options)
+    start = time.perf_counter()
     try:
-        while not done.done():
-            futures.wait([done], timeout=0.05)
-    except KeyboardInterrupt:
-        options.terminate = True
-        futures.wait([done])
-        raise
-    return done.result()
+        if getattr(session, "last_run_seconds", QUICK_SECONDS) < QUICK_SECONDS:
+            return call(*args)
+        done = _runner(os.getpid()).submit(call, *args)
+        try:
+            while not done.done():
+                futures.wait([done], timeout=0.05)
+        except KeyboardInterrupt:
+            options.terminate = True
+            futures.wait([done])
+            raise
+        return done.result()
+    finally:
+        session.last_run_seconds = time.perf_counter() - start
 
 
 @functools.cache
