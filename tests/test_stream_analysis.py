@@ -16,6 +16,7 @@ from bench.synthetic import main as synthetic_main
 from passes.analyze import main as analyze_main
 from passes.attention.stream import find_stream
 from passes.ffn.structure import model_structure
+from passes.measure import reductions
 from passes.measure.change import next_token_agreement
 from passes.measure.metrics import compute_metrics, cosine_distance, norm_ratio
 from passes.measure.ranking import rank_sublayers
@@ -84,9 +85,10 @@ def test_segments_read_the_weights_once(lm):
 
 
 def test_how_sessions_open_changes_no_number(lm, monkeypatch):
-    """Every inline weight handed to onnxruntime over its own bytes (LIFT_BYTES 0), then one segment opened ahead at
-    a time with shape-inferred input types that are all wrong (each such session is opened again with the types
-    the base made): the numbers of the plain run, to the last bit."""
+    """M's cosines taken two at a time as they come (not all of a site in one run), every inline weight handed to
+    onnxruntime over its own bytes (LIFT_BYTES 0), then one segment opened ahead at a time with shape-inferred
+    input types that are all wrong (each such session is opened again with the types the base made): the
+    numbers of the plain run, to the last bit."""
     from passes.measure import streams
     from passes.support import onnx_io
     want = lm["segments"]
@@ -99,6 +101,15 @@ def test_how_sessions_open_changes_no_number(lm, monkeypatch):
         np.testing.assert_array_equal(matrix(got), matrix(want))
         assert got.cosdist_io == want.cosdist_io and got.ratio == want.ratio
         assert [c.predicted_cost for c in got.candidates] == [c.predicted_cost for c in want.candidates]
+
+    batches = []
+    monkeypatch.setattr(reductions, "COSINE_BATCH", 2)
+    real_cosines = Reductions.cosines
+    monkeypatch.setattr(Reductions, "cosines", lambda self, a, bs: batches.append(len(bs)) or real_cosines(self, a, bs))
+    same(run())
+    n = len(want.ordinals)
+    assert max(batches) == 2 and sum(batches) == n * (n - 1) // 2          # every M[i][j], i < j
+    monkeypatch.undo()
 
     monkeypatch.setattr(onnx_io, "LIFT_BYTES", 0)
     lifted = []
@@ -315,13 +326,23 @@ def test_rank_segments_equal_suffix(lm):
     assert cost_b.weights_read_multiple < 1.3 < cost_a.weights_read_multiple
 
 
-def test_reductions_are_the_numpy_rules():
+def test_reductions_are_the_numpy_rules(monkeypatch):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 5, 16))
     a[0, 1], b[0, 1], a[1, 2] = 0.0, 0.0, 0.0          # both zero: distance 0; one zero: distance 1
     reduce = Reductions(["CPUExecutionProvider"], "cpu")
     ov = ort.OrtValue.ortvalue_from_numpy
-    np.testing.assert_allclose(reduce.cosine(ov(a), ov(b)), cosine_distance(a, b), rtol=1e-12, atol=1e-15)
+    bs = [b, a, -a, 2.5 * b, np.zeros_like(a)] + [rng.standard_normal(a.shape) for _ in range(6)]
+    for batch in (32, 4, 1):                         # one run of 11 padded to 16; runs of 4, 4 and 3; one each
+        monkeypatch.setattr(reductions, "COSINE_BATCH", batch)
+        assert reduce.cosine_batch(ov(a)) == batch
+        found = reduce.cosines(ov(a), [ov(v) for v in bs])
+        assert len(found) == len(bs)
+        for got, v in zip(found, bs):
+            np.testing.assert_allclose(got, cosine_distance(a, v), rtol=1e-12, atol=1e-15)
+    monkeypatch.setattr(reductions, "COSINE_BATCH", 32)
+    monkeypatch.setattr(reductions, "COSINE_BYTES", 3 * a.size * 8)      # three values' float64: two a run
+    assert reduce.cosine_batch(ov(a)) == 2 and reduce.cosines(ov(a), []) == []
     cos, ratio = reduce.residual(ov(a), ov(b))
     np.testing.assert_allclose(cos, cosine_distance(a, a + b), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(ratio, norm_ratio(b, a), rtol=1e-12)

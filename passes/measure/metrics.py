@@ -15,7 +15,8 @@ graph after block i, up to the last contribution needed: about n/2 forward-pass 
 report's cost). Two executions give the same numbers:
   segments (default, passes.measure.streams): the graph cut at residual nodes into segments of about one
       sublayer; each segment's session is made once and every run (a stream) goes through it before the next,
-      so the weights are read once; distances are taken where the values are, as the streams pass.
+      so the weights are read once; distances are taken where the values are, as the streams pass (M's of
+      one site together, in as few runs as fit: passes.measure.reductions.Reductions.cosines).
   suffix (passes.measure.runs.SuffixRuns): every x_t, h_t exposed by the base run, then one session per removal
       over the rest of the graph (the weights read about n/2 times).
 """
@@ -289,11 +290,22 @@ def _segment_metrics(req: AnalysisRequest, feeds: Mapping[str, np.ndarray], prog
     matrix, stats, x_rows, h_rows, forward, change = req.matrix(), {}, {}, {}, {}, {}
     base_at = base_out = rows = None
     tokens = 0
+    pending: list[tuple[int, int, object]] = []     # (i, j, h_j^(-i)) seen at base_at's site, M[i][j] not yet taken
+
+    def measure_pending() -> None:
+        """M[i][j] of the pending contributions: their cosines against the base's, in as few runs as fit."""
+        if not pending:
+            return
+        for (i, j, _), distance in zip(pending, runs.reduce.cosines(base_at.a, [h for *_, h in pending])):
+            matrix[pos[i]][pos[j]] = _mean(distance)
+        pending.clear()
+
     for event in runs:
         if isinstance(event, Observation):
             o = ordinal[event.site]
             kind, which = role.get(event.label, (BASE, None))
-            if kind == BASE:
+            if kind == BASE:        # the base passes each site first: what was pending there is complete
+                measure_pending()
                 base_at = event
                 if rows is None:
                     tokens = int(np.prod(event.a.shape()[:-1]))
@@ -303,7 +315,9 @@ def _segment_metrics(req: AnalysisRequest, feeds: Mapping[str, np.ndarray], prog
                 if o in in_spans:
                     x_rows[o], h_rows[o] = runs.reduce.rows(event.x, rows), runs.reduce.rows(event.a, rows)
             elif kind == "remove" and o in req.later[which]:
-                matrix[pos[which]][pos[o]] = _mean(runs.reduce.cosine(base_at.a, event.a))
+                pending.append((which, o, event.a))
+                if len(pending) == runs.reduce.cosine_batch(event.a):    # a big model's values are not held
+                    measure_pending()
                 if o in req.ends and o == which + 1:
                     forward[which, o] = runs.reduce.rows(event.a, rows)
             elif kind == "probe":
@@ -312,6 +326,7 @@ def _segment_metrics(req: AnalysisRequest, feeds: Mapping[str, np.ndarray], prog
             base_out = event.values[req.output]
         else:
             change[role[event.label][1]] = _output_change(runs, base_out, event.values[req.output], req.is_logits)
+    measure_pending()
     candidates = predict_costs(spans, x_rows, h_rows, forward, change) if spans else []
     return req.metrics(stats, matrix, runs.cost(), tokens, candidates)
 

@@ -2,7 +2,10 @@
 so that only vectors of one number per token come back to numpy.
 
 For a, b [..., d] (tokens = every position but the last axis; norms over the last axis):
-    cosine(a, b)      per token 1 - cos(a, b) = |a/|a| - b/|b||^2 / 2; two zero vectors 0, one zero vector 1
+    cosines(a, bs)    for each b of bs, per token 1 - cos(a, b) = |a/|a| - b/|b||^2 / 2; two zero vectors 0, one
+                      zero vector 1: the bs of one run stacked on a new first axis (COSINE_BATCH of them at most,
+                      COSINE_BYTES of float64 at most, padded with a up to a power of two: a few sessions serve every
+                      count), one run instead of one each (SmolLM2's analysis measures 435 of M's distances)
     residual(x, h)    per token 1 - cos(x, x + h) (x + h formed in float64) and |h| / |x| (nan where x = 0)
     next_token(p, q)  for logits [..., vocab]: mean over tokens of KL(softmax(p) || softmax(q)) (log-softmax in
                       float64) and the fraction of tokens whose argmax agrees, TOKEN_CHUNK tokens at a time
@@ -30,6 +33,8 @@ OPSET = 17
 D = TensorProto.DOUBLE
 # its threads sleep between runs (the segments' runs come next); on the GPU its memory is the segments' shared arena
 QUIET = {"session.intra_op.allow_spinning": "0", **SHARED_ARENA}
+COSINE_BATCH = 32           # cosines taken in one run at most
+COSINE_BYTES = 256 << 20    # ... and as many as stay within this many bytes of float64 together (one at least)
 
 
 def zero_rule(dist: np.ndarray, na: np.ndarray, nb: np.ndarray) -> np.ndarray:
@@ -78,11 +83,14 @@ class _Graph:
         return model
 
 
-def _cosine(t: int) -> onnx.ModelProto:
+def _cosines(t: int, n: int) -> onnx.ModelProto:
+    """a against b0 .. b{n-1}, stacked on a new first axis."""
     g = _Graph()
-    a, b = g.op("Cast", "a", to=D), g.op("Cast", "b", to=D)
+    stacked = g.op("Concat", *(g.op("Unsqueeze", f"b{i}", g.const([0])) for i in range(n)), axis=0)
+    a, b = g.op("Cast", "a", to=D), g.op("Cast", stacked, to=D)
     na, nb = g.norm(a), g.norm(b)
-    return g.model([("a", t), ("b", t)], [("dist", g.half_squared_distance(a, na, b, nb)), ("na", na), ("nb", nb)])
+    return g.model([("a", t), *((f"b{i}", t) for i in range(n))],
+                   [("dist", g.half_squared_distance(a, na, b, nb)), ("na", na), ("nb", nb)])
 
 
 def _residual(t: int) -> onnx.ModelProto:
@@ -143,7 +151,7 @@ def _own(types: tuple[int, ...]) -> onnx.ModelProto:
     return g.model([(f"v{i}", t) for i, t in enumerate(types)], [(f"copy{i}", f"v{i}") for i in range(len(types))])
 
 
-_BUILDERS = {"cosine": _cosine, "residual": _residual, "next_token": _next_token, "rows": _rows, "cast": _cast,
+_BUILDERS = {"residual": _residual, "next_token": _next_token, "rows": _rows, "cast": _cast,
              "zeros": _zeros}
 
 
@@ -165,7 +173,8 @@ class Reductions:
         if session is None:
             start = time.perf_counter()
             # the copy runs as written: no graph optimization may remove it
-            graph = _own(types) if kind == "own" else _BUILDERS[kind](types[0])
+            graph = (_own(types) if kind == "own" else _cosines(types[0], len(types) - 1) if kind == "cosines"
+                     else _BUILDERS[kind](types[0]))
             session = self.sessions[kind, types] = ort_session(graph, light=kind == "own",
                                                                providers=self.providers, config=QUIET)
             self.session_seconds += time.perf_counter() - start
@@ -177,9 +186,21 @@ class Reductions:
         run_session(session, None, None, binding=binding)
         return binding.get_outputs()
 
-    def cosine(self, a, b) -> np.ndarray:
-        dist, na, nb = (v.numpy().reshape(-1) for v in self._run("cosine", {"a": a, "b": b}))
-        return zero_rule(dist, na, nb)
+    def cosine_batch(self, value) -> int:
+        """How many cosines against `value` one run takes: COSINE_BATCH, or the power of two of them whose float64
+        stays within COSINE_BYTES (one at least)."""
+        most = max(1, min(COSINE_BATCH, COSINE_BYTES // max(8 * int(np.prod(value.shape(), dtype=np.int64)), 1)))
+        return 1 << (most.bit_length() - 1)
+
+    def cosines(self, a, bs: list) -> list[np.ndarray]:
+        """Per token 1 - cos(a, b) for each b of bs (values of a's shape and type), cosine_batch(a) in a run."""
+        most, found = self.cosine_batch(a), []
+        for start in range(0, len(bs), most):
+            batch = bs[start:start + most]
+            padded = batch + [a] * ((1 << (len(batch) - 1).bit_length()) - len(batch))
+            dist, na, nb = (v.numpy() for v in self._run("cosines", {"a": a, **{f"b{i}": b for i, b in enumerate(padded)}}))
+            found += [zero_rule(d.reshape(-1), na.reshape(-1), n.reshape(-1)) for d, n in zip(dist[:len(batch)], nb)]
+        return found
 
     def residual(self, x, h) -> tuple[np.ndarray, np.ndarray]:
         dist, nx, ns, nh = (v.numpy().reshape(-1) for v in self._run("residual", {"x": x, "h": h}))

@@ -172,6 +172,7 @@ class StreamRuns:
                     del session
                     if k == 0 and self.provider == "cuda":
                         self._place(base)
+                    self._count_held()
                     self._release(k)
                     bar.update(1)
         finally:                # on an early stop (Ctrl-C, an error) sessions not yet opening are not opened
@@ -258,8 +259,6 @@ class StreamRuns:
         self.per_segment[-1]["run_seconds"] = round(self.per_segment[-1]["run_seconds"] + seconds, 4)
         live.runs["nodes"] += len(segment.nodes)
         live.runs["flops"] += segment.flops
-        held = [*(v for s in self.lives for v in (*s.state.values(), *s.slots.values())), *self.retained.values()]
-        self.peak = max(self.peak, sum(v.tensor_size_in_bytes() for v in {id(v): v for v in held}.values()))
 
     def _after(self, k: int, live: _Live, base: _Live, wanted: list) -> Iterator[Observation | Output]:
         """The events of `live` once it ran segment k, and the values later streams take from it."""
@@ -275,6 +274,7 @@ class StreamRuns:
         if k == len(self.plan.segments) - 1 and self.plan.targets:
             yield Output(live.label, {t: _view(live, base, t) for t in self.plan.targets})
             if live is not base:                 # handed over: the consumer keeps what it still needs
+                self._count_held()
                 for t in self.plan.targets:
                     live.state.pop(t, None)
 
@@ -292,6 +292,11 @@ class StreamRuns:
                 if src not in wanted:
                     del self.retained[src]
         return live
+
+    def _count_held(self) -> None:
+        """Update the peak of stream values held, before some are dropped (runs only add to them)."""
+        held = [*(v for s in self.lives for v in (*s.state.values(), *s.slots.values())), *self.retained.values()]
+        self.peak = max(self.peak, sum(v.tensor_size_in_bytes() for v in {id(v): v for v in held}.values()))
 
     def _release(self, k: int) -> None:
         """Drop values no later segment reads, and the streams that are done."""

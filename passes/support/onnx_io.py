@@ -682,6 +682,9 @@ def run_session(session, outputs: list[str] | None, feeds: dict | None, *, ort_v
     segment's whole run takes 0.4 to 0.75 ms and a reduction's 0.16 ms)."""
     import onnxruntime as ort
     options = ort.RunOptions()
+    # onnxruntime's Python wrapper looks this entry up on every run, and raises and catches an error where it is
+    # absent (45 us a run on 2 cores, more than a small run takes); -1 is "no CUDA graph", what every run here is
+    options.add_run_config_entry("gpu_graph_id", "-1")
     if binding is not None:
         call, args = session.run_with_iobinding, (binding, options)
     else:
