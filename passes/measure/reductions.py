@@ -34,7 +34,8 @@ D = TensorProto.DOUBLE
 # its threads sleep between runs (the segments' runs come next); on the GPU its memory is the segments' shared arena
 QUIET = {"session.intra_op.allow_spinning": "0", **SHARED_ARENA}
 COSINE_BATCH = 32           # cosines taken in one run at most
-COSINE_BYTES = 256 << 20    # ... and as many as stay within this many bytes of float64 together (one at least)
+COSINE_BYTES = 128 << 20    # ... and as many as stay within this many bytes of float64 together (one at least:
+# a Super-49B value, 2,048 x 8,192, is 128 MiB; two a run raised its analysis's peak GPU memory by 1 GB)
 
 
 def zero_rule(dist: np.ndarray, na: np.ndarray, nb: np.ndarray) -> np.ndarray:
