@@ -45,7 +45,15 @@ from passes.measure.runs import RUNS, Cost, Removable, open_session, weight_byte
 from passes.measure.segments import A_SLOT, X_SLOT, SegmentPlan, inferred_types, plan_segments, segment_model
 from passes.support.graph import GraphIndex
 from passes.support.graph_inputs import ort_type_to_onnx
-from passes.support.onnx_io import SHARED_ARENA, LoadedModel, execution_providers, resolve_provider, run_session, share_cuda_arena
+from passes.support.onnx_io import (
+    SHARED_ARENA,
+    LoadedModel,
+    execution_providers,
+    resolve_provider,
+    run_session,
+    share_cuda_arena,
+    warm_cuda,
+)
 
 BASE = "base"
 ZERO = "zeros"
@@ -115,6 +123,8 @@ class StreamRuns:
         self.net = net or GraphIndex.build(model.proto.graph)
         self.provider = resolve_provider(provider)
         self.providers = execution_providers(self.provider)
+        if self.provider == "cuda":
+            warm_cuda()                 # while the arena registers and the first segment opens
         self.shared_arena = self.provider == "cuda" and share_cuda_arena()
         extra = {s.residual_node: s.residual_ports for s in find_stream(model.proto, self.net).sublayers}
         self.plan: SegmentPlan = plan_segments(self.net, {s.residual_node: s.residual_ports for s in sites}, targets, extra)
