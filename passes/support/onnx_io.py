@@ -632,15 +632,15 @@ def warm_cuda() -> futures.Future:
     run pay (the CUDA execution provider's libraries, cuBLAS and cuDNN set up, a first GEMM) is then paid while
     the caller starts, not by its first real session (SmolLM2's analysis on an H200: 2.13-2.29 s against
     2.27-2.70 s, interleaved). The future holds the session's error, if any: the real sessions report theirs."""
-    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 256], np.ones(64 * 256, np.float32).tobytes(), raw=True)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [576, 1536], np.ones(576 * 1536, np.float32).tobytes(), raw=True)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Softmax", ["y"], ["z"], axis=-1)]
-    graph = helper.make_graph(nodes, "warm_cuda", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+    graph = helper.make_graph(nodes, "warm_cuda", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 576])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
     def warm() -> None:
         session = ort_session(model, providers=execution_providers("cuda"))
-        session.run(None, {"x": np.ones((16, 64), np.float32)})
+        session.run(None, {"x": np.ones((64, 576), np.float32)})
 
     return futures.ThreadPoolExecutor(1, thread_name_prefix="cuda-warm-up").submit(warm)
 
