@@ -384,6 +384,19 @@ def test_cli_stream_switch_and_report(lm, tmp_path):
     assert b["cost"]["weights_read_multiple"] < a["cost"]["weights_read_multiple"]
 
 
+def test_warm_cuda_never_raises():
+    """The CUDA warm-up builds its graph where it is called and opens and runs it on a thread of its own, once a
+    process: where this onnxruntime has no CUDA provider its future holds the one-line error, else it succeeds."""
+    from passes.support import onnx_io
+    future = onnx_io.warm_cuda()
+    error = future.exception(timeout=120)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert error is None
+    else:
+        assert isinstance(error, UserError) and "--provider cuda" in str(error)
+    assert onnx_io.warm_cuda() is future
+
+
 def test_bf16_on_the_cpu_provider_is_one_line(tmp_path):
     """onnxruntime's CPU kernels do not run bf16: a UserError naming the op, before any number is made."""
     config = SyntheticConfig(**{**PRESETS["tiny"].__dict__, "dtype": "bf16"})
